@@ -1,0 +1,230 @@
+"""The engine: requests in, token deltas out, one step at a time.
+
+    plan = scheduler.schedule()        # which sequences, how many tokens, which pages
+    out  = runner.run(plan, ...)       # one compiled step on device, sampled ids back
+    scheduler.update(plan, out)        # append tokens, finish on EOS / length
+
+then the output side detokenizes incrementally and applies stop strings. Both the
+offline `LLM` and the server's `AsyncEngine` drive this class.
+"""
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import jax
+
+from engine.allocator import PageAllocator
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.params import CompletionOutput, Logprob, ParamError, RequestOutput, SamplingParams
+from engine.runner import ModelRunner, Sampled
+from engine.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.sequence import Sequence
+from engine.source import load_model_and_tokenizer
+from models import allocate_kv_cache, kv_cache_bytes_per_page
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Completion:
+    """Output-side state of one sequence."""
+
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    logprobs: list[Logprob] | None
+    emitted_tokens: int = 0  # output tokens already handed to the detokenizer
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    completions: list[_Completion] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.seq.finish_reason is not None for c in self.completions)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions_total: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        self.config = config
+        if config.compilation_cache_dir:
+            os.makedirs(config.compilation_cache_dir, exist_ok=True)
+            jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        t0 = time.perf_counter()
+        self.model, self.model_config, self.tokenizer, self.model_name, self.dtype = load_model_and_tokenizer(config)
+        self.load_seconds = time.perf_counter() - t0
+        mc = self.model_config
+        self.max_model_len = config.max_model_len or min(mc.max_position_embeddings, 4096)
+        num_pages = config.num_pages or self._pages_from_memory()
+        self.kv_cache = allocate_kv_cache(mc, num_pages, config.page_size, self.dtype)
+        self.allocator = PageAllocator(num_pages, config.page_size)
+        eos = set(mc.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(eos)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                            max_model_len=self.max_model_len),
+            self.allocator, self.eos_token_ids,
+        )
+        self.runner = ModelRunner(
+            self.model, self.kv_cache, page_size=config.page_size, max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            token_buckets=config.token_buckets, page_buckets=config.page_buckets,
+        )
+        del self.kv_cache  # the runner owns (and donates) the only reference
+        self.warmup_seconds = self.runner.warmup(progress=progress)
+        self._requests: dict[str, _Request] = {}
+
+    def _pages_from_memory(self) -> int:
+        per_page = kv_cache_bytes_per_page(self.model_config, self.config.page_size, self.dtype)
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" in stats:
+            free = stats["bytes_limit"] * self.config.memory_utilization - stats.get("bytes_in_use", 0)
+        else:  # CPU: no device memory figure; enough for every sequence at full length, capped at 1 GiB
+            want = self.config.max_num_seqs * (-(-self.max_model_len // self.config.page_size)) + 1
+            free = min(want * per_page, 1 << 30)
+        return max(2, int(free // per_page))
+
+    # ---- requests ------------------------------------------------------------------
+
+    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Queue a request; raises ValueError subclasses (with the numbers) for prompts that cannot run."""
+        params = params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(i) for i in prompt]
+            bad = [i for i in ids if not 0 <= i < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})")
+        self._check_params(params)
+        if params.max_tokens is None:
+            params = params.replace(max_tokens=max(1, self.max_model_len - len(ids)))
+        seqs = self.scheduler.add_request(request_id, ids, params, arrival_time)
+        req = _Request(request_id, text, ids, params)
+        for seq in seqs:
+            detok = IncrementalDetokenizer(
+                self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens, stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+            req.completions.append(_Completion(seq, detok, [] if params.logprobs is not None else None))
+        self._requests[request_id] = req
+        return request_id
+
+    def _check_params(self, params: SamplingParams) -> None:
+        """Refuse what the step could not carry, before the request is queued."""
+        vocab = self.model_config.vocab_size
+        bias = params.logit_bias or {}
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ParamError("logit_bias", f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are supported")
+        for what, ids in (("logit_bias", bias), ("stop_token_ids", params.stop_token_ids or ())):
+            bad = [i for i in ids if not 0 <= int(i) < vocab]
+            if bad:
+                raise ParamError(what, f"{what} holds token id {bad[0]}, outside the vocabulary (0..{vocab - 1})")
+        if params.min_tokens and len(set(params.stop_token_ids or ()) | self.eos_token_ids) > MAX_SUPPRESS:
+            raise ParamError("stop_token_ids", f"with min_tokens, at most {MAX_SUPPRESS} stop/EOS token ids are supported")
+
+    def abort_request(self, request_id: str) -> None:
+        if request_id in self._requests:
+            self.scheduler.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or any(not r.finished for r in self._requests.values())
+
+    def stats(self) -> EngineStats:
+        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.allocator.usage,
+                           self.scheduler.num_preemptions_total)
+
+    # ---- the step ------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns the requests that changed (cumulative outputs)."""
+        plan = self.scheduler.schedule()
+        seqs = {s.seq_id: self._seq(s.seq_id) for s in plan.seqs}
+        sampled = self.runner.run(plan, seqs, self._suppressed(seqs)) if plan.seqs else {}
+        changed = self.scheduler.update(plan, {k: v.token_id for k, v in sampled.items()})
+        touched: dict[str, _Request] = {}
+        for seq in changed:
+            req = self._requests.get(seq.request_id)
+            if req is None:
+                continue
+            self._emit(req.completions[seq.index], sampled.get(seq.seq_id))
+            touched[req.request_id] = req
+        for seq_id in plan.freed:  # aborted requests show up here
+            rid = self._request_of(seq_id)
+            if rid in self._requests:
+                touched[rid] = self._requests[rid]
+        outputs = [self._output(r) for r in touched.values()]
+        for r in touched.values():
+            if r.finished:
+                del self._requests[r.request_id]
+        return outputs
+
+    def _seq(self, seq_id: str) -> Sequence:
+        return self._requests[self._request_of(seq_id)].completions[int(seq_id.rsplit("-", 1)[1])].seq
+
+    @staticmethod
+    def _request_of(seq_id: str) -> str:
+        return seq_id.rsplit("-", 1)[0]
+
+    def _suppressed(self, seqs: dict[str, Sequence]) -> dict[str, list[int]]:
+        """EOS and stop token ids are banned while a sequence is under min_tokens."""
+        out = {}
+        for sid, seq in seqs.items():
+            p = seq.params
+            if seq.num_output_tokens < p.min_tokens:
+                ids = set(p.stop_token_ids or ())
+                if not p.ignore_eos:
+                    ids |= self.eos_token_ids
+                out[sid] = sorted(ids)
+        return out
+
+    def _emit(self, comp: _Completion, sampled: Sampled | None) -> None:
+        seq = comp.seq
+        new_ids = seq.output_token_ids[comp.emitted_tokens:]
+        comp.emitted_tokens = len(seq.output_token_ids)
+        if comp.logprobs is not None and sampled is not None:
+            k = seq.params.logprobs or 0
+            top = {} if sampled.top_ids is None else {
+                int(i): float(lp) for i, lp in zip(sampled.top_ids[:k], sampled.top_logprobs[:k])
+            }
+            comp.logprobs.append(Logprob(sampled.token_id, sampled.logprob, top))
+        if isinstance(seq.stop_reason, int) and new_ids and new_ids[-1] == seq.stop_reason:
+            new_ids = new_ids[:-1]  # a stop token id ends the text without appearing in it
+        if seq.finish_reason is None or new_ids:
+            comp.detok.add(new_ids)
+        if comp.detok.stop_reason is not None and seq.finish_reason is None:
+            self.scheduler.finish_sequence(seq.seq_id, "stop", comp.detok.stop_reason)
+        if seq.finish_reason is not None:
+            comp.detok.finish()
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                index=c.seq.index, text=c.detok.text, token_ids=list(c.seq.output_token_ids),
+                logprobs=c.logprobs, finish_reason=c.seq.finish_reason, stop_reason=c.seq.stop_reason,
+            )
+            for c in req.completions
+        ]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished)

@@ -1,0 +1,1 @@
+"""The HTTP side: an OpenAI-compatible Starlette app over the engine, and the `pagedjax` CLI."""

@@ -1,0 +1,79 @@
+"""The `pagedjax` command: `generate` (one prompt, offline) and `serve` (the HTTP server)."""
+
+import argparse
+import sys
+import typing
+from dataclasses import fields
+
+from engine.config import EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """One flag per engine config field, named like the field (--max-num-seqs ...)."""
+    p.add_argument("--model", help="HF folder, .gguf file or preset name (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--config", help="TOML file of engine settings (see configs/)")
+    for f in fields(EngineConfig):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name.endswith("_buckets"):
+            p.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), help="comma-separated sizes")
+        else:
+            base = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))
+            p.add_argument(flag, type=base, help=f"engine setting {f.name} (default: {f.default})")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if getattr(args, f.name, None) is not None}
+    if args.config:
+        return EngineConfig.from_toml(args.config, **values)
+    return EngineConfig(**values)
+
+
+def cmd_generate(args) -> int:
+    from engine import LLM, SamplingParams
+
+    cfg = engine_config(args)
+    llm = LLM(model=cfg.model, **{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "model"})
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                            top_p=args.top_p, top_k=args.top_k)
+    if args.chat:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=False)[0]
+    else:
+        out = llm.generate(args.prompt, params, use_tqdm=False)[0]
+    print(out.outputs[0].text)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="pagedjax", description="A JAX/XLA serving engine for LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a completion for one prompt")
+    add_engine_args(g)
+    g.add_argument("prompt")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+
+    try:
+        from server import serve_cli
+    except ImportError:
+        serve_cli = None
+    if serve_cli is not None:
+        serve_cli.add_parser(sub, add_engine_args)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pagedjax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

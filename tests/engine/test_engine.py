@@ -1,0 +1,136 @@
+"""End-to-end engine tests on CPU: continuous batching against HF transformers' greedy outputs.
+
+The golden files hold HF `generate(do_sample=False)` token ids (tests/golden/README.md).
+Every workload is also run request-by-request, so batching, chunked prefill and
+preemption are checked to change nothing.
+"""
+
+import json
+from pathlib import Path
+
+import jax
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.engine import LLMEngine
+from engine.config import EngineConfig
+from models.default import default_model_path
+
+GOLDEN = Path(__file__).parent.parent / "golden"
+TINY = sorted(p.name for p in (GOLDEN / "tiny").iterdir() if (p / "greedy.json").exists())
+
+# Small pools and budgets so one workload exercises chunked prefill (prompts longer
+# than the 16-token budget), several sequences per step, and preemption.
+SMALL = dict(page_size=4, max_num_seqs=3, max_num_batched_tokens=16, token_buckets=(4, 16), page_buckets=(4, 16))
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=TINY)
+def tiny_case(request):
+    folder = GOLDEN / "tiny" / request.param
+    golden = json.loads((folder / "greedy.json").read_text())
+    return folder, golden
+
+
+def _tiny_llm(folder, **overrides):
+    args = {**SMALL, "num_pages": 64, "max_model_len": 64, **overrides}
+    return LLM(model=str(folder), tokenizer=str(default_model_path()), dtype="float32", progress=False, **args)
+
+
+def test_tiny_batched_equals_hf_and_alone(tiny_case):
+    folder, golden = tiny_case
+    cases = golden["cases"]
+    n = golden["max_new_tokens"]
+    prompts = [c["prompt_ids"] for c in cases]
+    llm = _tiny_llm(folder)
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(n), use_tqdm=False)]
+    alone = [llm.generate(p, greedy(n), use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    assert together == alone
+    assert together == [c["new_ids"] for c in cases]
+
+
+def test_preemption_changes_nothing(tiny_case):
+    folder, golden = tiny_case
+    cases = golden["cases"]
+    n = golden["max_new_tokens"]
+    # 12 usable pages of 4 tokens cannot hold three sequences of up to ~54 tokens.
+    llm = _tiny_llm(folder, num_pages=16)
+    outs = llm.generate([c["prompt_ids"] for c in cases], greedy(n), use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions_total > 0
+    assert [o.outputs[0].token_ids for o in outs] == [c["new_ids"] for c in cases]
+    llm.engine.allocator.check_invariant([])
+
+
+def test_staggered_arrivals_and_abort():
+    folder = GOLDEN / "tiny" / TINY[0]
+    golden = json.loads((folder / "greedy.json").read_text())
+    cases, n = golden["cases"], golden["max_new_tokens"]
+    engine = LLMEngine(EngineConfig(model=str(folder), tokenizer=str(default_model_path()), dtype="float32",
+                                    num_pages=64, max_model_len=64, **SMALL), progress=False)
+    finished = {}
+    step = 0
+    pending = list(enumerate(cases))
+    engine.add_request("victim", cases[0]["prompt_ids"], greedy(n))
+    while pending or engine.has_unfinished_requests():
+        if pending and step % 3 == 0:  # a new request every third step
+            i, c = pending.pop(0)
+            engine.add_request(f"r{i}", c["prompt_ids"], greedy(n))
+        if step == 2:
+            engine.abort_request("victim")
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        step += 1
+    assert finished["victim"].outputs[0].finish_reason == "abort"
+    for i, c in enumerate(cases):
+        assert finished[f"r{i}"].outputs[0].token_ids == c["new_ids"]
+        assert finished[f"r{i}"].outputs[0].finish_reason == "length"
+    engine.allocator.check_invariant([])
+    assert engine.allocator.num_free_pages == engine.allocator.num_usable_pages
+
+
+def test_nothing_compiles_after_warmup():
+    folder = GOLDEN / "tiny" / TINY[0]
+    llm = _tiny_llm(folder)
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        mixed = [
+            SamplingParams(temperature=0.0, max_tokens=9),
+            SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=1, max_tokens=7, logprobs=5),
+            SamplingParams(temperature=1.0, min_p=0.1, presence_penalty=0.5, repetition_penalty=1.2, max_tokens=11),
+            SamplingParams(temperature=0.7, n=2, seed=3, max_tokens=5, min_tokens=3),
+        ]
+        llm.generate([[5, 6, 7], list(range(1, 40)), [9] * 20, [3, 4]], mixed, use_tqdm=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+def test_refuses_too_long_prompt():
+    folder = GOLDEN / "tiny" / TINY[0]
+    llm = _tiny_llm(folder)
+    with pytest.raises(ValueError, match="64"):
+        llm.generate([1] * 60, SamplingParams(max_tokens=10), use_tqdm=False)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_hf():
+    golden = json.loads((GOLDEN / "smollm2" / "greedy.json").read_text())
+    llm = LLM(dtype="float32", max_model_len=256, num_pages=160, max_num_seqs=4, max_num_batched_tokens=64,
+              token_buckets=(4, 16, 64), page_buckets=(16,), progress=False)
+    cases = golden["cases"]
+    outs = llm.generate([c["prompt_ids"] for c in cases],
+                        SamplingParams(temperature=0.0, max_tokens=golden["max_new_tokens"]), use_tqdm=False)
+    for case, out in zip(cases, outs):
+        assert out.outputs[0].token_ids == case["new_ids"], case.get("text")
+    france = next(o for c, o in zip(cases, outs) if "France" in c.get("prompt_text", "") or "France" in str(c))
+    assert "Paris" in france.outputs[0].text
