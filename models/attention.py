@@ -23,7 +23,7 @@ kernels for particular devices live in `models/kernels/` behind the same call.
 from flax import struct
 from jaxtyping import Array, Float, Int
 
-from models.kernels import reference
+from models.kernels import pallas_gpu, reference
 
 KVPages = Float[Array, "KV N S D"]
 
@@ -70,11 +70,12 @@ def paged_attention(
     """Causal attention of each token over its sequence's paged context (GQA: H % KV == 0)."""
     if backend == "reference":
         return reference.paged_attention(q, k_pages, v_pages, meta, scale=scale)
-    raise ValueError(f"unknown attention backend {backend!r}; known: 'reference'")
+    if backend == "pallas":
+        return pallas_gpu.paged_attention(q, k_pages, v_pages, meta, scale=scale)
+    raise ValueError(f"unknown attention backend {backend!r}; known: 'reference', 'pallas' (GPU)")
 
 
 def attention_backend_for(platform: str) -> str:
     """The attention op used on a platform when none is asked for."""
-    del platform
-    return "reference"
+    return "pallas" if platform in ("gpu", "cuda") else "reference"
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from models.attention import AttentionMetadata, KVPages, paged_attention, write_kv
+from models.attention import AttentionMetadata, KVPages
+from models.sharded_attention import write_and_attend
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, std: float | None = None) -> nnx.Param:
@@ -94,6 +95,7 @@ class Attention(nnx.Module):
         meta: AttentionMetadata,
         inv_freq: Float[Array, " D2"],
         backend: str,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> tuple[Float[Array, "T E"], KVPages, KVPages]:
         q = jnp.einsum("te,ehd->thd", x, self.q[...])
         k = jnp.einsum("te,ekd->tkd", x, self.k[...])
@@ -102,8 +104,9 @@ class Attention(nnx.Module):
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q = apply_rope(q, meta.positions, inv_freq)
         k = apply_rope(k, meta.positions, inv_freq)
-        k_pages, v_pages = write_kv(k_pages, v_pages, k, v, meta.slot_mapping)
-        out = paged_attention(q, k_pages, v_pages, meta, scale=self.scale, backend=backend)  # (T, H, D)
+        out, k_pages, v_pages = write_and_attend(  # (T, H, D)
+            q, k, v, k_pages, v_pages, meta, scale=self.scale, backend=backend, mesh=mesh
+        )
         out = jnp.einsum("thd,hde->te", out, self.o[...])
         if self.o_bias is not None:
             out = out + self.o_bias[...]

@@ -5,6 +5,8 @@ The call is pure: token ids, the KV cache and the attention metadata go in; hidd
 states and the updated cache come out. `logits()` projects the rows the runner picked.
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,9 +27,9 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, bias=cfg.mlp_bias)
 
-    def __call__(self, x, k_pages, v_pages, meta, inv_freq, backend):
+    def __call__(self, x, k_pages, v_pages, meta, inv_freq, backend, mesh):
         with jax.named_scope("attention"):
-            h, k_pages, v_pages = self.attn(self.input_norm(x), k_pages, v_pages, meta, inv_freq, backend)
+            h, k_pages, v_pages = self.attn(self.input_norm(x), k_pages, v_pages, meta, inv_freq, backend, mesh)
         x = x + h
         with jax.named_scope("mlp"):
             x = x + self.mlp(self.post_attn_norm(x))
@@ -46,6 +48,7 @@ class LlamaForCausalLM(nnx.Module):
         )
         self.inv_freq = nnx.Variable(jnp.asarray(cfg.rope_inv_freq()))  # a constant, not a Param
         self.attention_backend = "reference"
+        self.mesh = None  # the device mesh being served on: attention then runs per shard (models.sharded_attention)
 
     def __call__(
         self, tokens: Int[Array, " T"], kv_cache: KVCache, meta: AttentionMetadata
@@ -54,7 +57,7 @@ class LlamaForCausalLM(nnx.Module):
         new_cache = []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer{i}"):
-                x, k_pages, v_pages = layer(x, *kv_cache[i], meta, self.inv_freq[...], self.attention_backend)
+                x, k_pages, v_pages = layer(x, *kv_cache[i], meta, self.inv_freq[...], self.attention_backend, self.mesh)
             new_cache.append((k_pages, v_pages))
         return self.norm(x), new_cache
 
@@ -65,7 +68,7 @@ class LlamaForCausalLM(nnx.Module):
     # ---- checkpoint names ----------------------------------------------------------
 
     @staticmethod
-    def hf_param_map(cfg: ModelConfig) -> dict[str, tuple[tuple, "callable"]]:
+    def hf_param_map(cfg: ModelConfig) -> dict[str, tuple[tuple, Callable]]:
         """HF tensor name -> (our param path, host transform from HF's layout to ours)."""
         h, k, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
 

@@ -1,7 +1,9 @@
 """Build a model with random weights, or load one from a checkpoint, placing each weight as it is read.
 
 `place(path, logical_axes, array)` puts one host array on devices; `sharding/`
-supplies one that shards by logical axes. The default puts it on the default device.
+supplies one that shards by logical axes (`sharding.Placement`, which random
+weights and Orbax restores also use to create each array straight in its shards).
+The default puts everything on the default device.
 """
 
 import os
@@ -13,7 +15,9 @@ import numpy as np
 from flax import nnx
 
 from models.config import ModelConfig
+from models.orbax_checkpoint import is_orbax_checkpoint, read_model_config, restore_model
 from models.registry import model_class
+from sharding.rules import Placement
 
 Place = Callable[[tuple, tuple, np.ndarray], jax.Array]
 
@@ -32,15 +36,47 @@ def abstract_model(cfg: ModelConfig, dtype):
     return nnx.eval_shape(lambda: cls(cfg, _dtype(dtype), rngs=nnx.Rngs(0)))
 
 
-def random_model(cfg: ModelConfig, dtype="float32", seed: int = 0):
-    """A model with random weights (benchmarks and tests; speed does not depend on weight values)."""
-    return model_class(cfg.architecture)(cfg, _dtype(dtype), rngs=nnx.Rngs(seed))
+def random_model(cfg: ModelConfig, dtype="float32", seed: int = 0, place: Placement | None = None):
+    """A model with random weights (benchmarks and tests; speed does not depend on weight values).
+
+    With `place`, the weights are drawn directly in their shards (a model larger than
+    one device still starts); the values do not depend on the mesh.
+    """
+    cls = model_class(cfg.architecture)
+    if place is None:
+        return cls(cfg, _dtype(dtype), rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    flat = dict(nnx.to_flat_state(state))
+    axes = {key: var.get_metadata().get("logical_axes") for key, var in flat.items()}
+
+    def init():
+        model = cls(cfg, _dtype(dtype), rngs=nnx.Rngs(seed))
+        return {key: var.get_value() for key, var in nnx.to_flat_state(nnx.state(model))}
+
+    shardings = {key: place.sharding(axes[key], var.shape) for key, var in flat.items()}
+    values = jax.jit(init, out_shardings=shardings)()
+    for key, var in flat.items():
+        var.set_value(place.put(axes[key], values[key]))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def model_config(path: str | os.PathLike) -> ModelConfig:
+    """The config of a checkpoint: an HF folder, a .gguf file or a converted Orbax folder."""
+    from models.loaders import read_config
+
+    if is_orbax_checkpoint(path):
+        return read_model_config(path)
+    return ModelConfig.from_hf(read_config(path))
 
 
 def load_model(path: str | os.PathLike, dtype="float32", place: Place | None = None):
-    """Load an HF folder (safetensors) or a .gguf file. Returns (model, config)."""
+    """Load an HF folder (safetensors), a .gguf file or a converted Orbax folder. Returns (model, config)."""
     from models.loaders import CheckpointError, iter_tensors, read_config
 
+    if is_orbax_checkpoint(path):
+        if place is not None and not isinstance(place, Placement):
+            raise TypeError("restoring an Orbax checkpoint onto devices needs a sharding.Placement as `place`")
+        return restore_model(path, _dtype(dtype), place)
     dtype = _dtype(dtype)
     place = place or _default_place
     cfg = ModelConfig.from_hf(read_config(path))
@@ -52,8 +88,6 @@ def load_model(path: str | os.PathLike, dtype="float32", place: Place | None = N
     np_dtype = np.float32 if dtype == jnp.float32 else dtype
     for name, array in iter_tensors(path, dtype=np_dtype):
         if name not in by_name:
-            if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue  # some tied checkpoints still store the shared matrix twice
             raise CheckpointError(f"{path}: unexpected tensor {name!r} for {cfg.architecture}")
         target, to_ours = by_name[name]
         value = to_ours(array)
@@ -68,6 +102,6 @@ def load_model(path: str | os.PathLike, dtype="float32", place: Place | None = N
         if key in filled:
             var.set_value(filled[key])
         elif key == ("inv_freq",):
-            var.set_value(jnp.asarray(cfg.rope_inv_freq()))
+            var.set_value(place(key, None, cfg.rope_inv_freq()))  # replicated
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     return model, cfg

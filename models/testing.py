@@ -34,8 +34,9 @@ def forward_dense(model, token_ids, page_size: int = 16) -> np.ndarray:
     cache = allocate_kv_cache(cfg, num_pages, page_size, dtype)
 
     @nnx.jit
-    def run(model, tokens, cache, meta):
-        hidden, _ = model(tokens, cache, meta)
+    def run(model, tokens, cache, fields):
+        hidden, _ = model(tokens, cache, AttentionMetadata(**fields))  # built inside: jit only sees arrays
         return model.logits(hidden)
 
-    return np.asarray(jax.device_get(run(model, jnp.asarray(tokens), cache, meta)), dtype=np.float32)
+    fields = {k: getattr(meta, k) for k in meta.__dataclass_fields__}
+    return np.asarray(jax.device_get(run(model, jnp.asarray(tokens), cache, fields)), dtype=np.float32)
