@@ -6,8 +6,14 @@
 
 then the output side detokenizes incrementally and applies stop strings. Both the
 offline `LLM` and the server's `AsyncEngine` drive this class.
+
+On a mesh with dp data shards, `schedule()` gives one plan per shard (each shard
+has its own scheduler and page pool, engine.data_parallel) and the runner runs
+them side by side in one step. With several processes, process 0 drives the
+engine and the others call `follow()`.
 """
 
+import atexit
 import logging
 import os
 import time
@@ -18,14 +24,18 @@ import jax
 
 from engine.allocator import PageAllocator
 from engine.config import EngineConfig
+from engine.data_parallel import DataParallelScheduler
 from engine.detokenizer import IncrementalDetokenizer
 from engine.params import CompletionOutput, Logprob, ParamError, RequestOutput, SamplingParams
 from engine.runner import ModelRunner, Sampled
 from engine.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import SchedulerConfig
 from engine.sequence import Sequence
 from engine.source import load_model_and_tokenizer
 from models import allocate_kv_cache, kv_cache_bytes_per_page
+from models.kv_cache import CACHE_AXES
+from sharding import make_mesh
+from sharding.distributed import initialize as join_processes
 
 log = logging.getLogger(__name__)
 
@@ -64,37 +74,62 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True):
         self.config = config
+        join_processes(config.coordinator_address, config.num_processes, config.process_id)  # before any device use
         if config.compilation_cache_dir:
             os.makedirs(config.compilation_cache_dir, exist_ok=True)
             jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        self.mesh = make_mesh(config.dp, config.tp)
         t0 = time.perf_counter()
-        self.model, self.model_config, self.tokenizer, self.model_name, self.dtype = load_model_and_tokenizer(config)
+        self.model, self.model_config, self.tokenizer, self.model_name, self.dtype, placement = (
+            load_model_and_tokenizer(config, self.mesh)
+        )
         self.load_seconds = time.perf_counter() - t0
         mc = self.model_config
         self.max_model_len = config.max_model_len or min(mc.max_position_embeddings, 4096)
-        num_pages = config.num_pages or self._pages_from_memory()
-        self.kv_cache = allocate_kv_cache(mc, num_pages, config.page_size, self.dtype)
-        self.allocator = PageAllocator(num_pages, config.page_size)
+        # The cache holds the heads as served: padded or replicated when tp does not divide them.
+        served = mc.replace(num_heads=placement.heads.served_heads, num_kv_heads=placement.heads.served_kv_heads)
+        num_pages = config.num_pages or self._pages_from_memory(served)  # of each data shard
+        shape = (served.num_kv_heads, config.dp * num_pages, config.page_size, served.head_dim)
+        self.kv_cache = allocate_kv_cache(served, config.dp * num_pages, config.page_size, self.dtype,
+                                          sharding=placement.sharding(CACHE_AXES, shape))
         eos = set(mc.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
-        self.scheduler = Scheduler(
+        self.scheduler = DataParallelScheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             max_model_len=self.max_model_len),
-            self.allocator, self.eos_token_ids,
+            num_pages, config.page_size, self.eos_token_ids, config.dp,
         )
         self.runner = ModelRunner(
             self.model, self.kv_cache, page_size=config.page_size, max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            token_buckets=config.token_buckets, page_buckets=config.page_buckets,
+            token_buckets=config.token_buckets, page_buckets=config.page_buckets, mesh=self.mesh,
         )
         del self.kv_cache  # the runner owns (and donates) the only reference
         self.warmup_seconds = self.runner.warmup(progress=progress)
         self._requests: dict[str, _Request] = {}
+        if jax.process_count() > 1 and jax.process_index() == 0:
+            atexit.register(self.shutdown)  # followers wait for the lead's word to stop
 
-    def _pages_from_memory(self) -> int:
-        per_page = kv_cache_bytes_per_page(self.model_config, self.config.page_size, self.dtype)
-        stats = jax.devices()[0].memory_stats() or {}
+    @property
+    def allocator(self) -> PageAllocator:
+        """The page pool; with dp > 1 each data shard has its own, in `scheduler.allocators`."""
+        if len(self.scheduler.allocators) > 1:
+            raise AttributeError(f"with dp={self.config.dp} each data shard has its own pool: use scheduler.allocators")
+        return self.scheduler.allocators[0]
+
+    def follow(self) -> None:
+        """On every process but 0 of a multi-host run: execute process 0's steps until it shuts down."""
+        self.runner.follow()
+
+    def shutdown(self) -> None:
+        """On process 0 of a multi-host run: release the other processes from `follow()`."""
+        self.runner.stop_followers()
+
+    def _pages_from_memory(self, served) -> int:
+        """Pages of one data shard: what one device's free memory holds of its share of each page."""
+        per_page = kv_cache_bytes_per_page(served, self.config.page_size, self.dtype) // self.config.tp
+        stats = self.mesh.devices.flat[0].memory_stats() or {}
         if "bytes_limit" in stats:
             free = stats["bytes_limit"] * self.config.memory_utilization - stats.get("bytes_in_use", 0)
         else:  # CPU: no device memory figure; enough for every sequence at full length, capped at 1 GiB
@@ -153,17 +188,17 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or any(not r.finished for r in self._requests.values())
 
     def stats(self) -> EngineStats:
-        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.allocator.usage,
+        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.scheduler.usage,
                            self.scheduler.num_preemptions_total)
 
     # ---- the step ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the requests that changed (cumulative outputs)."""
-        plan = self.scheduler.schedule()
-        seqs = {s.seq_id: self._seq(s.seq_id) for s in plan.seqs}
-        sampled = self.runner.run(plan, seqs, self._suppressed(seqs)) if plan.seqs else {}
-        changed = self.scheduler.update(plan, {k: v.token_id for k, v in sampled.items()})
+        plans = self.scheduler.schedule()  # one per data shard
+        seqs = {s.seq_id: self._seq(s.seq_id) for plan in plans for s in plan.seqs}
+        sampled = self.runner.run(plans, seqs, self._suppressed(seqs)) if seqs else {}
+        changed = self.scheduler.update(plans, {k: v.token_id for k, v in sampled.items()})
         touched: dict[str, _Request] = {}
         for seq in changed:
             req = self._requests.get(seq.request_id)
@@ -171,7 +206,7 @@ class LLMEngine:
                 continue
             self._emit(req.completions[seq.index], sampled.get(seq.seq_id))
             touched[req.request_id] = req
-        for seq_id in plan.freed:  # aborted requests show up here
+        for seq_id in (f for plan in plans for f in plan.freed):  # aborted requests show up here
             rid = self._request_of(seq_id)
             if rid in self._requests:
                 touched[rid] = self._requests[rid]

@@ -1,0 +1,328 @@
+"""On-device sampling: one compiled function serves any mix of per-row settings.
+
+Every batch row carries its own parameters as arrays (`SamplingTensors`), so greedy,
+seeded, nucleus and penalised requests share one step. Row b's logits go through
+
+    1. logit_bias (added) and suppress_ids (set to -inf)           process_logits
+    2. penalties: repetition, then frequency, then presence         (only if history)
+    3. temperature: rows with temperature 0 (or top_k 1) are greedy: argmax of 1-2
+    4. top-k, then top-p (on the top-k renormalised mass), then min-p   filter_mask
+    5. Gumbel-max with the row's own key, fold_in(key(seed), step)
+
+NOTE: the random stream of a row depends only on its (seed, step), never on its
+position or on the other rows, so a seeded request gives the same tokens whatever
+it is batched with. Gumbel-max (argmax of logits / T + Gumbel noise) draws exactly
+from softmax(logits / T) over the kept tokens without normalising anything.
+
+Reported logprobs, as in vLLM, come from the raw model distribution,
+log_softmax(logits), before bias, penalties, temperature and filters: the chosen
+token's logprob and the top-20 alternatives are both read from it.
+
+Cost on a (B, V) batch, XLA fusing the elementwise work into the passes:
+  * always: a logsumexp, an argmax and the exact top-20 (`top_k_exact`) over the
+    raw logits, the bias/suppress scatters (B x 64 and B x 16 entries);
+  * only if some row samples (temperature > 0): B x V threefry Gumbel draws and
+    the min-p compare;
+  * only if some row uses top-k or top-p: the 256 best of each row (`top_k_exact`),
+    and a logsumexp of the full rows for top-p without top-k; only if some row's cut
+    falls beyond those 256 (top_k > 256, or a nucleus wider than 256 tokens), one
+    sort of every row, B x V log V, the dominant cost;
+  * only if history is passed (a separately traced variant): two (B, V) scatters
+    of the B x H history ids (seen mask, output counts) and an elementwise pass.
+The "only if" parts sit behind `lax.cond` on the whole batch: XLA runs one branch,
+so an all-greedy batch pays neither the noise nor the ranking. Measured once on an
+H100 (B = 256, V = 128256, bf16 logits, jit'd `sample` alone): all greedy 0.6 ms,
+temperature only 0.9 ms, top-k/top-p cut within the 256 best 1.3 ms, with the full
+sort 4.1 ms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jaxtyping import Array, Bool, Float, Int, UInt32
+
+from engine.params import MAX_LOGPROBS, ParamError, SamplingParams
+
+MAX_LOGIT_BIAS = 64  # NB: logit_bias entries a row may carry
+MAX_SUPPRESS = 16  # NS: ids a row may suppress in one step (EOS + stop_token_ids under min_tokens)
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (dividing by them overflows)
+TOP_CANDIDATES = 256  # C: top-k/top-p cut among each row's C best tokens, without a sort, when they can
+CHUNK = 32  # tokens per chunk in top_k_exact
+
+
+@dataclass(frozen=True)
+class RowParams:
+    """One live row of the batch, as the runner knows it on the host."""
+
+    params: SamplingParams
+    seed: int  # the request's seed, or one the engine drew for it; reduced mod 2**32
+    step: int  # tokens this sequence has generated so far (selects the draw in the stream)
+    suppress_ids: Sequence[int] = ()  # ids forced to -inf this step
+
+
+@struct.dataclass
+class SamplingTensors:
+    """Per-row sampling parameters of one step; padding rows are greedy and neutral."""
+
+    temperature: Float[Array, " B"]  # 0: greedy
+    top_k: Int[Array, " B"]  # 0: off
+    top_p: Float[Array, " B"]  # 1: off
+    min_p: Float[Array, " B"]  # 0: off
+    presence_penalty: Float[Array, " B"]  # 0: off
+    frequency_penalty: Float[Array, " B"]  # 0: off
+    repetition_penalty: Float[Array, " B"]  # 1: off
+    seed: UInt32[Array, " B"]  # row's stream: fold_in(key(seed), step)
+    step: Int[Array, " B"]
+    bias_ids: Int[Array, "B NB"]  # logit_bias token ids; -1 pads
+    bias_values: Float[Array, "B NB"]  # added to those logits; 0 pads
+    suppress_ids: Int[Array, "B NS"]  # set to -inf; -1 pads
+
+    @staticmethod
+    def build(
+        rows: Sequence[RowParams | None],
+        batch_size: int,
+        *,
+        vocab_size: int | None = None,
+        device: jax.Device | jax.sharding.Sharding | None = None,
+    ) -> SamplingTensors:
+        """Pack rows (None = padding) into arrays of `batch_size` rows, in one device_put.
+
+        With `vocab_size`, token ids outside the vocabulary are refused; without it
+        they are dropped on the device. Raises ParamError (a ValueError) when a row
+        has more than MAX_LOGIT_BIAS logit_bias entries.
+        """
+        if len(rows) > batch_size:
+            raise ValueError(f"{len(rows)} rows do not fit in a batch of {batch_size}")
+        b = batch_size
+        temperature = np.zeros(b, np.float32)
+        top_k = np.zeros(b, np.int32)
+        top_p = np.ones(b, np.float32)
+        min_p = np.zeros(b, np.float32)
+        presence = np.zeros(b, np.float32)
+        frequency = np.zeros(b, np.float32)
+        repetition = np.ones(b, np.float32)
+        seed = np.zeros(b, np.uint32)
+        step = np.zeros(b, np.int32)
+        bias_ids = np.full((b, MAX_LOGIT_BIAS), -1, np.int32)
+        bias_values = np.zeros((b, MAX_LOGIT_BIAS), np.float32)
+        suppress_ids = np.full((b, MAX_SUPPRESS), -1, np.int32)
+
+        def check_ids(ids: list[int], what: str):
+            if vocab_size is not None and any(not 0 <= i < vocab_size for i in ids):
+                raise ParamError(what, f"{what} holds token ids outside the vocabulary [0, {vocab_size})")
+
+        for i, row in enumerate(rows):
+            if row is None:
+                continue
+            p = row.params
+            temperature[i] = p.temperature
+            top_k[i] = max(p.top_k, 0)
+            top_p[i] = p.top_p
+            min_p[i] = p.min_p
+            presence[i] = p.presence_penalty
+            frequency[i] = p.frequency_penalty
+            repetition[i] = p.repetition_penalty
+            seed[i] = row.seed % 2**32
+            step[i] = row.step
+            bias = p.logit_bias or {}
+            if len(bias) > MAX_LOGIT_BIAS:
+                why = f"has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are supported"
+                raise ParamError("logit_bias", f"logit_bias {why}")
+            ids = [int(k) for k in bias]
+            check_ids(ids, "logit_bias")
+            bias_ids[i, : len(ids)] = ids
+            bias_values[i, : len(ids)] = list(bias.values())
+            sup = [int(s) for s in row.suppress_ids]
+            if len(sup) > MAX_SUPPRESS:
+                raise ValueError(
+                    f"{len(sup)} suppressed ids (EOS + stop_token_ids under min_tokens); "
+                    f"at most {MAX_SUPPRESS} are supported"
+                )
+            check_ids(sup, "stop_token_ids")
+            suppress_ids[i, : len(sup)] = sup
+
+        host = (
+            temperature, top_k, top_p, min_p, presence, frequency, repetition,
+            seed, step, bias_ids, bias_values, suppress_ids,
+        )  # fmt: skip
+        return SamplingTensors(*jax.device_put(host, device))
+
+
+@struct.dataclass
+class SampleOutput:
+    """What one step hands back per row; logprobs are from the raw model distribution."""
+
+    token_ids: Int[Array, " B"]  # the sampled token
+    logprobs: Float[Array, " B"]  # log_softmax(raw logits) at the sampled token
+    top_ids: Int[Array, "B K"]  # K = min(num_top_logprobs, V) most likely raw tokens, best first
+    top_logprobs: Float[Array, "B K"]  # their raw logprobs
+
+
+def _drop_negative(ids: Int[Array, "B N"], vocab: int) -> Int[Array, "B N"]:
+    """Map -1 padding past the end, so scatters with mode="drop" skip it (jnp wraps -1)."""
+    return jnp.where(ids >= 0, ids, vocab)
+
+
+def process_logits(
+    logits: Float[Array, "B V"],
+    t: SamplingTensors,
+    history: Int[Array, "B H"] | None = None,
+    num_prompt: Int[Array, " B"] | None = None,
+) -> Float[Array, "B V"]:
+    """Steps 1-2: logit_bias and suppress_ids, then penalties when `history` is given.
+
+    history[b] holds row b's prompt then output ids, -1 padded; its first
+    num_prompt[b] ids are the prompt. As in vLLM, repetition_penalty covers every
+    seen token (prompt and output), presence and frequency only the output.
+    """
+    b, v = logits.shape
+    rows = jnp.arange(b)[:, None]  # (B, 1)
+    z = logits.astype(jnp.float32)
+    z = z.at[rows, _drop_negative(t.bias_ids, v)].add(t.bias_values, mode="drop")
+    z = z.at[rows, _drop_negative(t.suppress_ids, v)].set(-jnp.inf, mode="drop")
+    if history is None:
+        return z
+    if num_prompt is None:
+        raise ValueError("penalties need num_prompt alongside history")
+    ids = _drop_negative(history, v)  # (B, H)
+    is_output = jnp.arange(history.shape[1])[None, :] >= num_prompt[:, None]  # (B, H)
+    seen = jnp.zeros((b, v), bool).at[rows, ids].set(True, mode="drop")  # (B, V)
+    counts = jnp.zeros((b, v), jnp.float32).at[rows, jnp.where(is_output, ids, v)].add(1.0, mode="drop")
+    r = t.repetition_penalty[:, None]
+    z = jnp.where(seen, jnp.where(z > 0, z / r, z * r), z)
+    z = z - t.frequency_penalty[:, None] * counts
+    return z - t.presence_penalty[:, None] * (counts > 0)
+
+
+def top_k_exact(
+    x: Float[Array, "B V"], k: int, chunk: int = CHUNK
+) -> tuple[Float[Array, "B K"], Int[Array, "B K"]]:
+    """lax.top_k(x, k) over rows, same ids in the same tie order, without sorting whole rows.
+
+    The k best of a row lie in the k chunks with the best maxima (ties to the lower
+    index): any other chunk has k chunks ahead of it, each holding an element that
+    beats all of its own. So only those k * chunk candidates are ranked. On an H100,
+    (256, 128256) f32 with k = 20 takes 0.3 ms this way, 2.7 ms through lax.top_k,
+    which sorts whole rows on GPU once k > 16.
+    """
+    b, v = x.shape
+    n_chunks = -(-v // chunk)
+    if n_chunks <= k:
+        values, ids = jax.lax.top_k(x, k)
+        return values, ids
+    xc = jnp.pad(x, ((0, 0), (0, n_chunks * chunk - v)), constant_values=-jnp.inf).reshape(b, n_chunks, chunk)
+    _, best = jax.lax.top_k(jnp.max(xc, axis=-1), k)  # (B, k) chunks holding the k best
+    best = jnp.sort(best, axis=-1)  # index order, so ties among candidates break like lax.top_k
+    cand = jnp.take_along_axis(xc, best[:, :, None], axis=1).reshape(b, k * chunk)  # (B, k * chunk)
+    values, j = jax.lax.top_k(cand, k)  # (B, k)
+    return values, jnp.take_along_axis(best, j // chunk, axis=-1) * chunk + j % chunk
+
+
+def _top_k_top_p_threshold(
+    z: Float[Array, "B V"], top_k: Int[Array, " B"], top_p: Float[Array, " B"], c: int
+) -> tuple[Float[Array, " B"], Bool[Array, " B"]]:
+    """The smallest logit each row keeps under top-k then top-p, ranking only its c best.
+
+    Returns the threshold and whether the c best decided it (always, when c = V):
+    a row is decided if top-k cuts inside them (top-p then renormalises over the
+    top-k set, all inside them) or, with top-k off, if they hold top_p of the mass.
+    """
+    v = z.shape[-1]
+    s = -jnp.sort(-z, axis=-1) if c >= v else top_k_exact(z, c)[0]  # (B, C) descending
+    k = jnp.where((top_k > 0) & (top_k < v), top_k, v)  # (B,) tokens top-k keeps
+    s_k = jnp.where(jnp.arange(c)[None, :] < k[:, None], s, -jnp.inf)
+    log_norm = jax.nn.logsumexp(s_k, axis=-1)  # (B,) mass of the top-k set
+    if c < v:
+        log_norm = jnp.where(k <= c, log_norm, jax.nn.logsumexp(z, axis=-1))
+    p = jnp.exp(s_k - log_norm[:, None])  # (B, C) top-k renormalised, sorted
+    cum = jnp.cumsum(p, axis=-1)
+    # top-p keeps the smallest prefix reaching top_p: tokens whose mass above is < top_p
+    n_p = jnp.where(top_p < 1, jnp.sum(cum - p < top_p[:, None], axis=-1), v)
+    n = jnp.clip(jnp.minimum(k, n_p), 1, v)  # (B,) tokens kept, at least the best
+    kth = jnp.take_along_axis(s, jnp.minimum(n, c)[:, None] - 1, axis=-1)[:, 0]
+    decided = (k <= c) | ((k == v) & ((top_p >= 1) | (cum[:, -1] >= top_p)))
+    return jnp.where(n > c, -jnp.inf, kth), decided
+
+
+def filter_mask(
+    z: Float[Array, "B V"],
+    top_k: Int[Array, " B"],
+    top_p: Float[Array, " B"],
+    min_p: Float[Array, " B"],
+    *,
+    candidates: int = TOP_CANDIDATES,
+) -> Bool[Array, "B V"]:
+    """Tokens that survive top-k, top-p and min-p on temperature-scaled logits `z`.
+
+    top-k/top-p rank the `candidates` best tokens of each row (`top_k_exact`); only
+    if some row's cut falls beyond them (top_k > candidates, or a nucleus wider
+    than them) are the rows sorted in full, and that row's cut read from the sort.
+    min-p (p >= min_p * p_max) is the same test before or after top-k/top-p
+    renormalise, since the best token is always kept: z >= max(z) + log(min_p).
+    Tokens tied with the last kept one are all kept; tokens at -inf never are.
+    """
+    b, v = z.shape
+    keep = (z > -jnp.inf) & (z >= jnp.max(z, axis=-1, keepdims=True) + jnp.log(min_p)[:, None])
+
+    def cut() -> Float[Array, " B"]:
+        threshold, decided = _top_k_top_p_threshold(z, top_k, top_p, min(candidates, v))
+        # undecided rows alone take the sorted answer, so no row depends on its neighbours
+        return jax.lax.cond(
+            jnp.all(decided),
+            lambda: threshold,
+            lambda: jnp.where(decided, threshold, _top_k_top_p_threshold(z, top_k, top_p, v)[0]),
+        )
+
+    needs_cut = ((top_k > 0) & (top_k < v)) | (top_p < 1)  # (B,)
+    threshold = jax.lax.cond(jnp.any(needs_cut), cut, lambda: jnp.full((b,), -jnp.inf, z.dtype))  # (B,)
+    return keep & (z >= threshold[:, None])
+
+
+def _gumbel(seed: UInt32[Array, " B"], step: Int[Array, " B"], vocab: int) -> Float[Array, "B V"]:
+    """Row b's noise depends only on (seed[b], step[b])."""
+
+    def row(s, n):
+        return jax.random.gumbel(jax.random.fold_in(jax.random.key(s), n), (vocab,), jnp.float32)
+
+    return jax.vmap(row)(seed, step)
+
+
+def _sample_tokens(z: Float[Array, "B V"], t: SamplingTensors, greedy: Bool[Array, " B"]) -> Int[Array, " B"]:
+    """Steps 3-5; greedy rows get no noise, so their argmax is that of `z`."""
+    zt = z / jnp.where(greedy, 1.0, t.temperature)[:, None]  # (B, V)
+    keep = filter_mask(zt, t.top_k, t.top_p, t.min_p)
+    noise = jnp.where(greedy[:, None], 0.0, _gumbel(t.seed, t.step, z.shape[-1]))
+    return jnp.argmax(jnp.where(keep, zt + noise, -jnp.inf), axis=-1)
+
+
+def sample(
+    logits: Float[Array, "B V"],
+    t: SamplingTensors,
+    history: Int[Array, "B H"] | None = None,
+    num_prompt: Int[Array, " B"] | None = None,
+    *,
+    num_top_logprobs: int = MAX_LOGPROBS,
+) -> SampleOutput:
+    """Sample one token per row; jit-compatible, `num_top_logprobs` static.
+
+    Pass `history` and `num_prompt` (see `process_logits`) only when some row uses
+    penalties; without them no penalty work is traced at all.
+    """
+    raw = logits.astype(jnp.float32)  # (B, V)
+    lse = jax.nn.logsumexp(raw, axis=-1)  # (B,)
+    z = process_logits(raw, t, history, num_prompt)
+    greedy = (t.temperature < GREEDY_BELOW) | (t.top_k == 1)  # (B,)
+    token_ids = jax.lax.cond(
+        jnp.all(greedy),
+        lambda: jnp.argmax(z, axis=-1),
+        lambda: _sample_tokens(z, t, greedy),
+    ).astype(jnp.int32)  # (B,)
+    logprobs = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - lse
+    top_values, top_ids = top_k_exact(raw, min(num_top_logprobs, raw.shape[-1]))  # (B, K)
+    return SampleOutput(token_ids, logprobs, top_ids.astype(jnp.int32), top_values - lse[:, None])

@@ -1,0 +1,64 @@
+"""One completion stream: its tokens, how far its K/V are computed, and why it ended.
+
+A request with `n` completions owns `n` sequences (`seq_id == f"{request_id}-{index}"`).
+The scheduler moves them WAITING -> RUNNING -> FINISHED (and back to WAITING when a
+running sequence is preempted); the runner reads their tokens and seeds.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, field
+
+from engine.params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()  # holds no pages; queued for admission
+    RUNNING = enum.auto()  # holds pages for its computed tokens
+    FINISHED = enum.auto()  # done; its pages are released at the next schedule()
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    index: int  # which of the request's n completions
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    seed: int | None = None  # this stream's sampling seed: params.seed + index if set, else this, else random
+    seq_id: str = field(init=False)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache (prefix of all_token_ids)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    num_preemptions: int = 0
+
+    def __post_init__(self):
+        self.seq_id = f"{self.request_id}-{self.index}"
+        if self.params.seed is not None:
+            self.seed = self.params.seed + self.index
+        elif self.seed is None:
+            self.seed = random.randrange(2**31)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

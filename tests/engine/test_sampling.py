@@ -1,0 +1,253 @@
+"""On-device sampling against numpy references written here, and its guarantees:
+greedy equivalences, seeded reproducibility across batches, and the sampled
+distribution (chi-square) at temperature 1 and under temperature + top-k + top-p.
+
+Few distinct shapes, so few compilations: (8, 300) and (3, 300) without history,
+(4, 64) with history, (N_DRAWS, 8) for the distribution tests.
+"""
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.scipy.stats import chi2
+
+from engine.params import ParamError, SamplingParams
+from engine.sampling import (
+    MAX_LOGIT_BIAS,
+    MAX_SUPPRESS,
+    TOP_CANDIDATES,
+    RowParams,
+    SamplingTensors,
+    _top_k_top_p_threshold,
+    filter_mask,
+    process_logits,
+    sample,
+    top_k_exact,
+)
+
+sample_jit = jax.jit(sample, static_argnames="num_top_logprobs")
+filter_jit = jax.jit(filter_mask, static_argnames="candidates")
+V_BIG = 300  # > TOP_CANDIDATES, so top-k/top-p first try the candidates
+N_DRAWS = 20_000
+P_MIN = 1e-3  # chi-square significance; seeds are fixed, so a pass stays a pass
+SMALL_VOCAB = np.array([1.0, 0.5, 0.0, -0.5, -1.0, 2.0, 0.2, -3.0], np.float32)
+assert TOP_CANDIDATES < V_BIG
+
+
+def row(seed=0, step=0, suppress=(), **kw) -> RowParams:
+    return RowParams(SamplingParams(**kw), seed=seed, step=step, suppress_ids=suppress)
+
+
+def random_logits(b, v, seed=0, scale=2.0) -> np.ndarray:
+    return (scale * np.random.default_rng(seed).standard_normal((b, v))).astype(np.float32)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def ref_mask(z: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """vLLM's recipe for one row: sort, cut top-k, cut top-p on the renormalised rest, min-p."""
+    z = z.astype(np.float64)
+    order = np.argsort(-z, kind="stable")
+    kept = order[: top_k if 0 < top_k < len(z) else len(z)]
+    p = softmax(z[kept])
+    if top_p < 1:
+        kept = kept[np.cumsum(p) - p < top_p]  # mass of better tokens below top_p
+    keep = np.zeros(len(z), bool)
+    keep[kept] = True
+    probs = softmax(z)
+    return keep & (probs > 0) & (probs >= min_p * probs.max())
+
+
+def ref_process(logits: np.ndarray, rows: list[RowParams], history: np.ndarray, num_prompt: np.ndarray):
+    """Bias, suppress, then vLLM's penalties, one row at a time in float64."""
+    out = logits.astype(np.float64).copy()
+    for b, r in enumerate(rows):
+        z, sp = out[b], r.params
+        for tok, val in (sp.logit_bias or {}).items():
+            z[tok] += val
+        z[list(r.suppress_ids)] = -np.inf
+        prompt = history[b, : num_prompt[b]].tolist()
+        output = [x for x in history[b, num_prompt[b] :].tolist() if x >= 0]
+        for tok in set(prompt) | set(output):
+            z[tok] = z[tok] / sp.repetition_penalty if z[tok] > 0 else z[tok] * sp.repetition_penalty
+        for tok, count in collections.Counter(output).items():
+            z[tok] -= sp.frequency_penalty * count + sp.presence_penalty
+    return out
+
+
+def chi_square_p(tokens: np.ndarray, expected_probs: np.ndarray) -> float:
+    """p-value of the observed token counts under `expected_probs` (support only)."""
+    support = expected_probs > 0
+    assert np.all(support[tokens]), "a token outside the expected support was drawn"
+    observed = np.bincount(tokens, minlength=len(expected_probs))[support]
+    expected = len(tokens) * expected_probs[support]
+    stat = float(((observed - expected) ** 2 / expected).sum())
+    return float(chi2.sf(stat, df=int(support.sum()) - 1))
+
+
+def draw(rows: list[RowParams]) -> np.ndarray:
+    """One token per row, every row on SMALL_VOCAB."""
+    assert len(rows) == N_DRAWS
+    logits = np.tile(SMALL_VOCAB, (N_DRAWS, 1))
+    return np.asarray(sample_jit(logits, SamplingTensors.build(rows, N_DRAWS)).token_ids)
+
+
+def test_top_k_1_and_temperature_0_are_greedy():
+    logits = random_logits(8, V_BIG)
+    rows = [row(seed=i, step=3 * i, temperature=0.5 + i, top_k=1) for i in range(4)]
+    rows += [row(temperature=0.0, top_p=0.5, min_p=0.2), row(temperature=0.0, top_k=5), None]
+    rows += [row(seed=9, temperature=1.0)]  # one random row, so the non-greedy branch runs
+    out = sample_jit(logits, SamplingTensors.build(rows, 8))
+    np.testing.assert_array_equal(np.asarray(out.token_ids)[:7], logits[:7].argmax(-1))
+
+
+def test_bias_and_suppress_without_history():
+    logits = random_logits(8, V_BIG, seed=4)
+    second = np.argsort(-logits, axis=-1)[:, 1]
+    best = int(logits[1].argmax())
+    rows = [row(temperature=0.0, logit_bias={11: 100.0}), row(temperature=0.0, suppress=(best,))]
+    out = sample_jit(logits, SamplingTensors.build(rows, 8))
+    assert out.token_ids.tolist()[:2] == [11, int(second[1])]
+
+
+def test_top_k_exact_matches_lax_top_k_with_ties():
+    x = np.random.default_rng(1).integers(-4, 4, (5, 1001)).astype(np.float32)  # many ties
+    x[0] = -np.inf
+    x[0, 500] = 0.0  # one finite token
+    x[1, ::2] = -np.inf
+    for k in (1, 20, 40):
+        got, want = top_k_exact(jnp.asarray(x), k, chunk=16), jax.lax.top_k(jnp.asarray(x), k)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+def test_filter_mask_matches_reference():
+    v, settings = 50, []
+    for top_k in (0, 1, 3, 17, 49, 50, 80):
+        for top_p in (1.0, 0.95, 0.6, 0.05):
+            for min_p in (0.0, 0.05, 0.3):
+                settings.append((top_k, top_p, min_p))
+    z = random_logits(len(settings), v, seed=1)
+    z[0, 7] = -np.inf  # a suppressed token stays out
+    k, p, m = (np.array(c) for c in zip(*settings))
+    args = jnp.asarray(z), jnp.asarray(k, jnp.int32), jnp.asarray(p, jnp.float32), jnp.asarray(m, jnp.float32)
+    ref = np.stack([ref_mask(z[i], *s) for i, s in enumerate(settings)])
+    for candidates in (6, 20, v):  # mostly sorted in full / mostly not / the whole row
+        np.testing.assert_array_equal(np.asarray(filter_jit(*args, candidates=candidates)), ref)
+    assert not ref[0, 7] and ref[0].sum() == v - 1  # row 0 has no filter: all but the -inf token
+
+    # rows whose cut lies within the candidates get it without the sort, and are told so
+    c = 20
+    threshold, decided = jax.jit(_top_k_top_p_threshold, static_argnums=3)(*args[:3], c)
+    threshold, decided = np.asarray(threshold), np.asarray(decided)
+    nucleus = np.array([ref_mask(z[i], 0, s[1], 0.0).sum() for i, s in enumerate(settings)])
+    k_on = (k > 0) & (k < v)
+    np.testing.assert_array_equal(decided, np.where(k_on, k <= c, (p >= 1) | (nucleus <= c)))
+    cut = np.stack([ref_mask(z[i], s[0], s[1], 0.0) for i, s in enumerate(settings)])
+    np.testing.assert_array_equal((z >= threshold[:, None])[decided] & (z > -np.inf)[decided], cut[decided])
+
+
+def test_penalties_bias_and_suppress_match_reference():
+    v, h = 64, 12
+    logits = random_logits(4, v, seed=3)
+    rows = [
+        row(repetition_penalty=1.3, logit_bias={4: 2.5, 9: -1.0}, suppress=(0, 29)),
+        row(presence_penalty=0.7, frequency_penalty=0.4),
+        row(repetition_penalty=0.8, presence_penalty=-0.5, frequency_penalty=1.5, suppress=(5,)),
+        row(),
+    ]
+    history = np.full((4, h), -1, np.int32)
+    num_prompt = np.array([4, 3, 5, 2], np.int32)
+    history[0, :7] = [1, 2, 2, 3, 3, 3, 4]  # prompt 1 2 2 3 | output 3 3 4
+    history[1, :9] = [5, 6, 7, 6, 6, 8, 7, 1, 1]  # prompt 5 6 7 | output 6 6 8 7 1 1
+    history[2, :12] = [10, 11, 12, 13, 14, 10, 10, 15, 5, 14, 20, 21]
+    history[3, :2] = [1, 2]  # prompt only
+    t = SamplingTensors.build(rows, 4)
+    got = jax.jit(process_logits)(jnp.asarray(logits), t, jnp.asarray(history), jnp.asarray(num_prompt))
+    ref = ref_process(logits, rows, history, num_prompt)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6, atol=1e-6)
+
+    greedy_rows = [RowParams(r.params.replace(temperature=0.0), 0, 0, r.suppress_ids) for r in rows]
+    out = sample_jit(logits, SamplingTensors.build(greedy_rows, 4), history, num_prompt)
+    np.testing.assert_array_equal(np.asarray(out.token_ids), ref.argmax(-1))
+
+
+def test_logprobs_are_raw_log_softmax():
+    v, h = 64, 12
+    logits = random_logits(4, v, seed=6)
+    rows = [
+        row(seed=1, temperature=0.3, top_k=5, logit_bias={3: 4.0}),
+        row(temperature=0.0, repetition_penalty=2.0, suppress=(int(logits[1].argmax()),)),
+        row(seed=2, temperature=1.7, top_p=0.5, presence_penalty=1.0),
+        None,
+    ]
+    history = np.full((4, h), -1, np.int32)
+    history[:3, :3] = [[1, 2, -1], [3, 4, 5], [6, 6, 6]]
+    out = sample_jit(logits, SamplingTensors.build(rows, 4), history, np.array([1, 2, 1, 0], np.int32))
+    ref = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
+    tokens = np.asarray(out.token_ids)
+    np.testing.assert_allclose(np.asarray(out.logprobs), ref[np.arange(4), tokens], rtol=1e-5, atol=1e-6)
+    top = np.argsort(-ref, axis=-1, kind="stable")[:, :20]
+    np.testing.assert_array_equal(np.asarray(out.top_ids), top)
+    want = np.take_along_axis(ref, top, -1)
+    np.testing.assert_allclose(np.asarray(out.top_logprobs), want, rtol=1e-5, atol=1e-6)
+
+
+def test_seeded_row_is_the_same_in_any_batch():
+    mine = random_logits(1, V_BIG, seed=7, scale=1.0)[0]
+    others = random_logits(8, V_BIG, seed=8)
+    for params in (dict(temperature=1.0), dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.01)):
+        seen = []
+        for step in range(8):
+            r = row(seed=1234, step=step, **params)
+            # batch A: first of 3, beside a top-p row (cut among the candidates)
+            logits_a = np.stack([mine, others[0], others[1]])
+            rows_a = [r, row(seed=5, step=step, top_p=0.5), row(temperature=0.0)]
+            # batch B: sixth of 8, beside padding, greedy rows and a wide top-k (full sort)
+            logits_b = others.copy()
+            logits_b[5] = mine
+            rows_b = [None, row(temperature=0.0), None, row(top_k=TOP_CANDIDATES + 10), None, r]
+            a = sample_jit(logits_a, SamplingTensors.build(rows_a, 3)).token_ids[0]
+            b = sample_jit(logits_b, SamplingTensors.build(rows_b, 8)).token_ids[5]
+            assert int(a) == int(b)
+            seen.append(int(a))
+        assert len(set(seen)) > 1  # the step moves the stream
+
+
+def test_temperature_1_matches_softmax():
+    tokens = draw([row(seed=i, step=i % 7, temperature=1.0) for i in range(N_DRAWS)])
+    assert chi_square_p(tokens, softmax(SMALL_VOCAB.astype(np.float64))) > P_MIN
+
+
+def test_temperature_top_k_top_p_and_suppress_compose():
+    temp, top_k, top_p, banned = 1.5, 5, 0.9, 0  # token 0 is the second most likely
+    params = dict(temperature=temp, top_k=top_k, top_p=top_p)
+    tokens = draw([row(seed=i, step=3, suppress=(banned,), **params) for i in range(N_DRAWS)])
+    z = SMALL_VOCAB.astype(np.float64) / temp
+    z[banned] = -np.inf
+    keep = ref_mask(z, top_k, top_p, 0.0)
+    # top-p on the top-k renormalised mass keeps fewer than either filter alone
+    assert 1 < keep.sum() < min(top_k, ref_mask(z, 0, top_p, 0.0).sum())
+    expected = np.where(keep, softmax(np.where(keep, z, -np.inf)), 0.0)
+    assert chi_square_p(tokens, expected) > P_MIN  # also fails if `banned` is ever drawn
+
+
+def test_build_pads_and_refuses_what_does_not_fit():
+    t = SamplingTensors.build([row(top_k=-1, logit_bias={i: 1.0 for i in range(MAX_LOGIT_BIAS)}), None], 3)
+    assert t.top_k.tolist() == [0, 0, 0] and t.temperature.tolist() == [1.0, 0.0, 0.0]
+    assert t.bias_ids.shape == (3, MAX_LOGIT_BIAS) and t.suppress_ids.tolist()[1] == [-1] * MAX_SUPPRESS
+    with pytest.raises(ParamError, match="logit_bias") as err:
+        SamplingTensors.build([row(logit_bias={i: 1.0 for i in range(MAX_LOGIT_BIAS + 1)})], 1)
+    assert err.value.param == "logit_bias" and isinstance(err.value, ValueError)
+    with pytest.raises(ValueError, match="suppressed"):
+        SamplingTensors.build([row(suppress=range(MAX_SUPPRESS + 1))], 1)
+    with pytest.raises(ValueError, match="vocabulary"):
+        SamplingTensors.build([row(logit_bias={100: 1.0})], 1, vocab_size=100)
+    with pytest.raises(ValueError, match="do not fit"):
+        SamplingTensors.build([None, None], 1)
