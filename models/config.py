@@ -138,9 +138,9 @@ class ModelConfig:
 
     @classmethod
     def tiny(cls, **override) -> "ModelConfig":
-        """A few-layer model with odd GQA for fast CPU tests."""
+        """A few-layer model with odd GQA for fast CPU tests; its vocabulary fits the default tokenizer."""
         return cls(**{**dict(
-            architecture="LlamaForCausalLM", vocab_size=512, hidden_size=96, intermediate_size=192,
+            architecture="LlamaForCausalLM", vocab_size=49152, hidden_size=96, intermediate_size=192,
             num_layers=2, num_heads=6, num_kv_heads=2, head_dim=16, max_position_embeddings=1024,
         ), **override})
 
