@@ -12,12 +12,15 @@ independent:
     block table row b   [    7        ,      2        ,      9        , ...]
     K rows read         7*16+0..7*16+15, 2*16+0..2*16+15, 9*16+0..        (page_size 16)
 
-- decode-shaped steps (T <= B, mostly one token per row): tiles of 16 rows (the
-  fewest the tensor cores take; group 4 -> 4 tokens x 4 heads), and for small
+- decode-shaped steps (T <= B, mostly one token per row): one launch of 16-row tiles
+  (the fewest the tensor cores take; group 4 -> 4 tokens x 4 heads); for small
   batches the context is split into parts whose partial results (unnormalised
   output, running max and sum) a small jnp pass combines (split-K).
-- prefill-shaped steps (T > B: prompt chunks, maybe with decode rows): tiles of 128
-  rows, one pass over the context per query block.
+- steps that may hold prompt chunks (T > B): one launch of 64-row tiles over every
+  row (fresh prompts, chunks after cached context, and the decode rows beside them).
+
+Context blocks that every row of a tile sees whole run without masks; only the
+blocks at the causal diagonal and at the ragged end are masked.
 
 The query-block schedule (row, first token, end) is derived on device from
 query_start_loc and padded to a static count, so the runner's metadata is all the
@@ -45,7 +48,7 @@ from models.kernels import reference
 LOG2E = math.log2(math.e)
 MIN_DOT_ROWS = 16  # Triton's tensor-core products take at least 16 rows
 NO_SCORE = -1e30  # initial running max: finite, so exp2(max_old - max_new) never meets inf - inf
-TARGET_PROGRAMS = 4 * 132  # programs that keep an H100's 132 SMs busy (sets the context split)
+TARGET_PROGRAMS = 2 * 132  # programs that keep an H100's 132 SMs busy (sets the context split)
 MAX_SPLITS = 16
 
 
@@ -59,7 +62,7 @@ class KernelConfig:
 
 
 DECODE = KernelConfig(tile_rows=16, block_kv=64, num_splits=None, num_warps=4, num_stages=3)
-PREFILL = KernelConfig(tile_rows=128, block_kv=64, num_splits=1, num_warps=8, num_stages=2)
+PREFILL = KernelConfig(tile_rows=64, block_kv=64, num_splits=1, num_warps=4, num_stages=2)
 
 
 def _next_pow2(n: int) -> int:
@@ -116,26 +119,33 @@ def _kernel(
     pos = plgpu.load(pos_ref.at[tok], mask=row_ok, other=-1)  # -1: sees nothing
 
     # 2. The block sees context 0..max(pos), never past seq_len; this split takes a share.
-    ctx_len = jnp.minimum(lens_ref[row], jnp.max(pos) + 1)
+    # Blocks before `n_full` are visible to every live row: those skip all masking.
+    seq_len = lens_ref[row]
+    ctx_len = jnp.minimum(seq_len, jnp.max(pos) + 1)
     n_blocks = pl.cdiv(ctx_len, block_kv)
     per_split = pl.cdiv(n_blocks, num_splits)
     first = split * per_split
     last = jnp.minimum(first + per_split, n_blocks)
+    min_pos = jnp.min(jnp.where(row_ok, pos, jnp.iinfo(jnp.int32).max - 1))
+    n_full = jnp.minimum(seq_len, min_pos + 1) // block_kv
+    mid = jnp.clip(n_full, first, last)
 
     # 3. Stream the context; K/V row of position c is page(c) * page_size + c % page_size.
     page_shift = page_size.bit_length() - 1
 
-    def body(i, carry):
+    def body(i, carry, *, masked: bool):
         acc, m, l = carry
         ctx = i * block_kv + jnp.arange(block_kv)
         live = ctx < ctx_len
-        page = plgpu.load(bt_ref.at[row, lax.shift_right_logical(ctx, page_shift)], mask=live, other=0)
+        row_opts = dict(mask=live, other=0) if masked else {}
+        kv_opts = dict(mask=jnp.broadcast_to(live[:, None], (block_kv, d)), other=0.0) if masked else {}
+        page = plgpu.load(bt_ref.at[row, lax.shift_right_logical(ctx, page_shift)], **row_opts)
         kv_rows = page * page_size + (ctx & (page_size - 1))
-        kv_mask = jnp.broadcast_to(live[:, None], (block_kv, d))
-        k = plgpu.load(k_ref.at[kv, kv_rows[:, None], col], mask=kv_mask, other=0.0)  # (BK, D)
-        v = plgpu.load(v_ref.at[kv, kv_rows[:, None], col], mask=kv_mask, other=0.0)
+        k = plgpu.load(k_ref.at[kv, kv_rows[:, None], col], **kv_opts)  # (BK, D)
+        v = plgpu.load(v_ref.at[kv, kv_rows[:, None], col], **kv_opts)
         s = plgpu.dot(q, k, trans_b=True) * scale_log2  # (R, BK), log2 units
-        s = jnp.where((ctx[None, :] <= pos[:, None]) & live[None, :], s, -jnp.inf)
+        if masked:
+            s = jnp.where((ctx[None, :] <= pos[:, None]) & live[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -148,7 +158,8 @@ def _kernel(
         jnp.full((tile_rows,), NO_SCORE, jnp.float32),
         jnp.zeros((tile_rows,), jnp.float32),
     )
-    acc, m, l = lax.fori_loop(first, last, body, init)
+    carry = lax.fori_loop(first, mid, functools.partial(body, masked=False), init)
+    acc, m, l = lax.fori_loop(mid, last, functools.partial(body, masked=True), carry)
 
     # 4. The normalised output (rows that saw nothing: 0 / max(0, tiny) = 0), or this split's part.
     if num_splits == 1:
@@ -171,18 +182,17 @@ def query_block_schedule(
     min(T // block_q + B, T) blocks always suffice; unused blocks get lo == hi == 0.
     """
     b = query_start_loc.shape[0] - 1
-    n_blocks = min(num_tokens // block_q + b, num_tokens)
     counts = (query_start_loc[1:] - query_start_loc[:-1] + block_q - 1) // block_q  # (B,)
     ends = jnp.cumsum(counts)
-    blk = jnp.arange(n_blocks)
+    blk = jnp.arange(min(num_tokens // block_q + b, num_tokens))
     # compare_all: one fused comparison, where the default binary search is a loop of small launches
     row = jnp.searchsorted(ends, blk, side="right", method="compare_all")  # == B when unused
     used = row < b
     row = jnp.minimum(row, b - 1)
     lo = query_start_loc[row] + (blk - (ends[row] - counts[row])) * block_q
     hi = jnp.minimum(lo + block_q, query_start_loc[row + 1])
-    zero = jnp.zeros_like(lo)
-    return row.astype(jnp.int32), jnp.where(used, lo, zero).astype(jnp.int32), jnp.where(used, hi, zero).astype(jnp.int32)
+    lo, hi = jnp.where(used, lo, 0), jnp.where(used, hi, 0)
+    return row.astype(jnp.int32), lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
 def num_splits_for(programs: int, max_ctx: int, block_kv: int) -> int:
@@ -190,6 +200,13 @@ def num_splits_for(programs: int, max_ctx: int, block_kv: int) -> int:
     if programs >= TARGET_PROGRAMS:
         return 1
     return max(1, min(-(-TARGET_PROGRAMS // programs), -(-max_ctx // block_kv), MAX_SPLITS))
+
+
+def _tile(config: KernelConfig, group: int) -> tuple[int, int, int]:
+    """(tile rows, padded group, tokens per query block) of a config for this GQA group."""
+    group_pad = _next_pow2(group)
+    tile_rows = max(config.tile_rows, MIN_DOT_ROWS, group_pad)
+    return tile_rows, group_pad, tile_rows // group_pad
 
 
 def paged_attention_kernel(
@@ -202,17 +219,17 @@ def paged_attention_kernel(
     config: KernelConfig,
     interpret: bool = False,
 ) -> Float[Array, "T H D"]:
-    """The kernel under one explicit configuration (benchmarks sweep these)."""
+    """One launch under an explicit configuration (the benchmark sweeps these)."""
     t, h, d = q.shape
     kv_heads, n_pages, page_size, _ = k_pages.shape
     group = h // kv_heads
     group_pad = _next_pow2(group)
     tile_rows = max(config.tile_rows, MIN_DOT_ROWS, group_pad)
-    block_q = tile_rows // group_pad
-    blk_row, blk_lo, blk_hi = query_block_schedule(meta.query_start_loc, t, block_q)
-    n_q_blocks = blk_row.shape[0]
+    qsl = meta.query_start_loc
+    blk_row, blk_lo, blk_hi = query_block_schedule(qsl, t, tile_rows // group_pad)
+    num_blocks = blk_row.shape[0]
     max_ctx = meta.block_tables.shape[1] * page_size
-    splits = config.num_splits or num_splits_for(n_q_blocks * kv_heads, max_ctx, config.block_kv)
+    splits = config.num_splits or num_splits_for(num_blocks * kv_heads, max_ctx, config.block_kv)
 
     kernel = functools.partial(
         _kernel,
@@ -238,7 +255,7 @@ def paged_attention_kernel(
     call = functools.partial(
         pl.pallas_call,
         kernel,
-        grid=(n_q_blocks, kv_heads, splits),
+        grid=(num_blocks, kv_heads, splits),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name=f"paged_attention_r{tile_rows}_k{config.block_kv}_s{splits}",
@@ -257,9 +274,8 @@ def paged_attention_kernel(
     weight = jnp.exp2(m - jnp.max(m, axis=0))  # 0 for empty splits unless all are
     total = jnp.sum(l * weight, axis=0)
     out = jnp.sum(o * weight[..., None], axis=0) / jnp.maximum(total, 1e-30)[..., None]
-    qsl = meta.query_start_loc
     token = jnp.arange(t)
-    covered = (token >= qsl[0]) & (token < qsl[-1])  # others were never written
+    covered = (token >= qsl[0]) & (token < qsl[-1])  # the rest were never written
     return jnp.where(covered[:, None, None], out, 0.0).astype(q.dtype)
 
 
