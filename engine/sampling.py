@@ -122,7 +122,7 @@ class SamplingTensors:
                 continue
             p = row.params
             temperature[i] = p.temperature
-            top_k[i] = max(p.top_k, 0)
+            top_k[i] = min(max(p.top_k, 0), np.iinfo(np.int32).max)  # any k >= vocab keeps all
             top_p[i] = p.top_p
             min_p[i] = p.min_p
             presence[i] = p.presence_penalty

@@ -112,8 +112,8 @@ class Scheduler:
         return len(self.waiting)
 
     def has_unfinished(self) -> bool:
-        """Whether any sequence still waits or runs (finished ones' pages go at the next schedule())."""
-        return bool(self.running or self.waiting)
+        """Whether any sequence still waits or runs, or a finished one still holds pages until the next schedule()."""
+        return bool(self.running or self.waiting or self._finished)
 
     def get_sequences(self, request_id: str) -> list[Sequence]:
         return list(self._requests[request_id])

@@ -239,7 +239,7 @@ def test_finish_conditions(kw, tokens, outputs, reason, stop_reason):
     (seq,) = sched.add_request("r", [1, 2, 3], params(**kw))
     run_tokens(sched, tokens)
     assert (seq.num_output_tokens, seq.finish_reason, seq.stop_reason) == (outputs, reason, stop_reason)
-    assert not sched.has_unfinished()
+    assert not sched.running and not sched.waiting
 
 
 def test_a_prompt_of_max_model_len_gets_one_token():
@@ -288,7 +288,8 @@ def test_abort_of_a_waiting_request_and_between_schedule_and_update():
     sched.abort_request("a")  # in flight: its result is dropped
     assert sched.update(plan, {"a-0": 3}) == []
     assert sched.get_sequences("a")[0].output_token_ids == []
-    assert not sched.has_unfinished() and sched.schedule().freed == ("b-0", "a-0")
+    assert sched.has_unfinished()  # their pages are still to be released
+    assert sched.schedule().freed == ("b-0", "a-0") and not sched.has_unfinished()
     sched.allocator.check_invariant([])
 
 
