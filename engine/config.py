@@ -22,15 +22,18 @@ class EngineConfig:
     seed: int = 0  # seed of random weights (presets) and of unseeded requests' streams
     max_model_len: int | None = None  # prompt + output limit; None: min(model's, 4096)
     page_size: int = 16  # tokens per KV-cache page
-    num_pages: int | None = None  # KV-cache pages; None: sized from free device memory
+    num_pages: int | None = None  # KV-cache pages (of each data shard); None: sized from free device memory
     memory_utilization: float = 0.9  # fraction of device memory the weights and cache may use
-    max_num_seqs: int = 64  # sequences in one step
-    max_num_batched_tokens: int = 512  # tokens in one step (chunked prefill splits longer prompts)
+    max_num_seqs: int = 64  # sequences in one step (of each data shard)
+    max_num_batched_tokens: int = 512  # tokens in one step, per data shard (chunked prefill splits longer prompts)
     token_buckets: tuple[int, ...] | None = None  # padded step sizes; None: powers of two up to the budget
     page_buckets: tuple[int, ...] | None = None  # padded block-table widths; None: max, max/4, max/16
     compilation_cache_dir: str | None = None  # jax's persistent compilation cache (fast restarts)
     tp: int = 1  # tensor parallelism (model axis of the mesh)
     dp: int = 1  # data parallelism (data axis of the mesh)
+    coordinator_address: str | None = None  # multi-host: host:port of process 0, the same on every process
+    num_processes: int = 1  # multi-host: processes in the run (each runs `pagedjax serve` with its own process_id)
+    process_id: int = 0  # multi-host: this process; 0 runs the server and the scheduler
     attention_backend: str | None = None  # None: the best one for the platform
 
     def __post_init__(self):
@@ -53,6 +56,12 @@ class EngineConfig:
             bad("max_model_len", "must be >= 1")
         if self.tp < 1 or self.dp < 1:
             bad("tp" if self.tp < 1 else "dp", "must be >= 1")
+        if self.num_processes < 1:
+            bad("num_processes", "must be >= 1")
+        if not 0 <= self.process_id < self.num_processes:
+            bad("process_id", f"must be in 0..{self.num_processes - 1} (num_processes={self.num_processes})")
+        if self.num_processes > 1 and not self.coordinator_address:
+            bad("coordinator_address", f"is needed with num_processes={self.num_processes} (host:port of process 0)")
         if self.token_buckets is not None and max(self.token_buckets) < self.max_num_batched_tokens:
             bad("token_buckets", f"must reach max_num_batched_tokens ({self.max_num_batched_tokens})")
 

@@ -33,6 +33,7 @@ from engine.scheduler import SchedulerConfig
 from engine.sequence import Sequence
 from engine.source import load_model_and_tokenizer
 from models import allocate_kv_cache, kv_cache_bytes_per_page
+from models.attention import attention_backend_for
 from models.kv_cache import CACHE_AXES
 from sharding import make_mesh
 from sharding.distributed import initialize as join_processes
@@ -85,6 +86,7 @@ class LLMEngine:
             load_model_and_tokenizer(config, self.mesh)
         )
         self.load_seconds = time.perf_counter() - t0
+        self.model.attention_backend = config.attention_backend or attention_backend_for(jax.default_backend())
         mc = self.model_config
         self.max_model_len = config.max_model_len or min(mc.max_position_embeddings, 4096)
         # The cache holds the heads as served: padded or replicated when tp does not divide them.
@@ -195,6 +197,9 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the requests that changed (cumulative outputs)."""
+        if jax.process_index() != 0:
+            raise RuntimeError(f"process {jax.process_index()} of a multi-host run only executes process 0's steps: "
+                               "call follow() instead")
         plans = self.scheduler.schedule()  # one per data shard
         seqs = {s.seq_id: self._seq(s.seq_id) for plan in plans for s in plan.seqs}
         sampled = self.runner.run(plans, seqs, self._suppressed(seqs)) if seqs else {}

@@ -13,8 +13,9 @@ Prompt = str | list[int]
 
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", *, progress: bool = True, **engine_args):
-        """`model`: HF folder, .gguf file or preset name (default: SmolLM2-135M-Instruct).
-        Other keyword arguments are `EngineConfig` fields (max_model_len, num_pages, tp, dp, ...)."""
+        """`model`: HF folder, .gguf file, converted Orbax folder or preset name (default: SmolLM2-135M-Instruct).
+        Other keyword arguments are `EngineConfig` fields (max_model_len, num_pages, tp, dp, ...).
+        In a multi-host run (num_processes > 1) only process 0 generates; the others call `self.engine.follow()`."""
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **engine_args), progress=progress)
         self._next_id = 0
 

@@ -6,9 +6,20 @@ any plan. The step's integer metadata travels as one packed host array (one
 transfer); the KV cache is donated to every call, so it is updated in place and
 the runner holds the only reference to it.
 
-Packed int32 layout of one step (offsets are static per bucket):
+Packed int32 layout of one step (offsets are static per bucket), one row per data shard:
 
     [ tokens T | positions T | slots T | token_seq T | block_tables B*P | seq_lens B | qsl B+1 | logit_rows B ]
+
+NOTE: on a ("data", "model") mesh every array has a fixed sharding, given to the
+compiled steps as explicit in/out shardings, so nothing moves or recompiles
+between steps: params and the KV cache as `sharding.rules` places them, the
+packed metadata (dp, L) and the logits and sampling rows (dp * B, ...) split
+over the data axis. Data shard d runs plans[d]: its own T tokens and B rows over
+its own pages, with local page ids; the model's projections see dp * T tokens
+split over the data axis, and attention runs per shard (models.sharded_attention).
+
+With several processes (sharding.distributed), process 0 decides each step and
+broadcasts its host inputs; the others execute the same step with them (`follow`).
 """
 
 import logging
@@ -19,12 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.multihost_utils import broadcast_one_to_all
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from engine.sampling import RowParams, SamplingTensors, sample
 from engine.scheduler import StepPlan
 from engine.sequence import Sequence
 from models.attention import AttentionMetadata
+from sharding import DATA, make_mesh, named_sharding
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +68,32 @@ def _powers_of_two(lo: int, hi: int) -> list[int]:
     return out + [hi]
 
 
+_STOP, _STEP = 0, 1  # commands the lead broadcasts to followers
+
+
 class ModelRunner:
     def __init__(self, model, kv_cache, *, page_size: int, max_model_len: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, token_buckets=None, page_buckets=None,
-                 shardings=None):
-        """`shardings` (optional) gives the placement of params, cache and step inputs on a mesh."""
+                 max_num_batched_tokens: int, token_buckets=None, page_buckets=None, mesh: Mesh | None = None):
+        """`mesh` (default: one device) holds the params and the cache; each of its data shards runs
+        one StepPlan a step, with up to `max_num_seqs` sequences and `max_num_batched_tokens` tokens."""
+        self.mesh = mesh or make_mesh(1, 1)
+        self.dp = self.mesh.shape[DATA]
+        model.mesh = self.mesh  # attention runs per shard
         self.graphdef, self.params = nnx.split(model)
         self.kv_cache = kv_cache
+        self._param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
+        self._cache_shardings = jax.tree.map(lambda x: x.sharding, kv_cache)
+        self._rows = named_sharding(self.mesh, ("batch",))  # leading axis split over data shards
+        self._replicated = named_sharding(self.mesh, None)
+        self._multihost = jax.process_count() > 1
+        self._host_memory = jax.local_devices(backend="cpu")[0]  # where the lead stages what it broadcasts
+        self._followers_stopped = False
         self.page_size = page_size
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         max_pages = -(-max_model_len // page_size)
         self.token_buckets = sorted(token_buckets or _powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens))
         self.page_buckets = sorted(set(page_buckets or [max(1, max_pages // 16), max(1, max_pages // 4), max_pages]))
-        self.shardings = shardings
         self._steps: dict[Bucket, object] = {}  # compiled model steps
         self._samplers: dict[tuple[int, bool], object] = {}  # compiled samplers, by (rows, with penalties)
 
@@ -78,13 +104,16 @@ class ModelRunner:
 
     def _step_fn(self, params, kv_cache, packed, bucket: Bucket):
         t, b, p = bucket.tokens, bucket.rows, bucket.pages
+        dp = packed.shape[0]  # packed: (dp, L), one row per data shard
         sizes = [t, t, t, t, b * p, b, b + 1, b]
-        tokens, positions, slots, token_seq, tables, seq_lens, qsl, rows = jnp.split(packed, np.cumsum(sizes)[:-1])
+        fields = jnp.split(packed, np.cumsum(sizes)[:-1], axis=1)
+        tokens, positions, slots, token_seq, tables, seq_lens, qsl, rows = (f.reshape(-1) for f in fields)
         meta = AttentionMetadata(positions=positions, slot_mapping=slots, token_seq=token_seq,
-                                 block_tables=tables.reshape(b, p), seq_lens=seq_lens, query_start_loc=qsl)
+                                 block_tables=tables.reshape(dp * b, p), seq_lens=seq_lens, query_start_loc=qsl)
         model = nnx.merge(self.graphdef, params)
-        hidden, kv_cache = model(tokens, kv_cache, meta)
-        return model.logits(hidden[rows]), kv_cache  # (B, V) float32
+        hidden, kv_cache = model(tokens, kv_cache, meta)  # (dp * T, E)
+        last = jnp.take_along_axis(hidden.reshape(dp, t, -1), rows.reshape(dp, b, 1), axis=1)  # (dp, B, E)
+        return model.logits(last.reshape(dp * b, -1)), kv_cache  # (dp * B, V) float32
 
     def _packed_len(self, bucket: Bucket) -> int:
         return 4 * bucket.tokens + bucket.rows * bucket.pages + 3 * bucket.rows + 1
@@ -95,33 +124,45 @@ class ModelRunner:
         todo = self.buckets()
         rows = sorted({bk.rows for bk in todo})
         bar = tqdm(total=len(todo) + 2 * len(rows), desc="compiling", disable=not progress, unit="graph")
-        step = jax.jit(self._step_fn, static_argnums=(3,), donate_argnums=(1,))
+        step = jax.jit(self._step_fn, static_argnums=(3,), donate_argnums=(1,),
+                       in_shardings=(self._param_shardings, self._cache_shardings, self._rows),
+                       out_shardings=(self._rows, self._cache_shardings))
         for bucket in todo:
-            packed = jax.ShapeDtypeStruct((self._packed_len(bucket),), jnp.int32)
+            packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket)), jnp.int32)
             self._steps[bucket] = step.lower(self.params, self.kv_cache, packed, bucket).compile()
             bar.update()
-        vocab = self.graphdef_vocab()
         for r in rows:
             for penalties in (False, True):
-                logits = jax.ShapeDtypeStruct((r, vocab), jnp.float32)
-                tensors = SamplingTensors.build([None] * r, r)
-                args = (logits, tensors)
-                if penalties:
-                    args += (jax.ShapeDtypeStruct((r, self.max_model_len), jnp.int32),
-                             jax.ShapeDtypeStruct((r,), jnp.int32))
-                self._samplers[(r, penalties)] = jax.jit(sample).lower(*args).compile()
+                logits = jax.ShapeDtypeStruct((self.dp * r, self.graphdef_vocab()), jnp.float32)
+                others = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._sampler_inputs(r, penalties))
+                args = (logits, *others)
+                sampler = jax.jit(sample, in_shardings=(self._rows,) * len(args), out_shardings=self._replicated)
+                self._samplers[(r, penalties)] = sampler.lower(*args).compile()
                 bar.update()
+        if self._multihost:  # compile the broadcasts of every step's inputs too
+            for bucket in todo:
+                for penalties in (False, True):
+                    broadcast_one_to_all(self._header(_STEP, bucket, penalties))
+                    broadcast_one_to_all(self._payload(bucket, penalties))
         bar.close()
         return time.perf_counter() - start
+
+    def _sampler_inputs(self, rows: int, penalties: bool) -> tuple:
+        """Neutral host inputs of the sampler but the logits, `rows` a shard: (tensors[, history, num_prompt])."""
+        r = self.dp * rows
+        args = (_host(SamplingTensors.build([None] * r, r, device=self._host_memory)),)
+        if penalties:
+            args += (np.zeros((r, self.max_model_len), np.int32), np.zeros(r, np.int32))
+        return args
 
     def graphdef_vocab(self) -> int:
         return nnx.merge(self.graphdef, self.params).config.vocab_size
 
     # ---- one step ------------------------------------------------------------------
 
-    def _bucket_for(self, plan: StepPlan) -> Bucket:
-        n_tok = plan.num_tokens
-        n_pages = max(len(s.page_ids) for s in plan.seqs)
+    def _bucket_for(self, plans: tuple[StepPlan, ...]) -> Bucket:
+        n_tok = max(plan.num_tokens for plan in plans)
+        n_pages = max(len(s.page_ids) for plan in plans for s in plan.seqs)
         t = next((b for b in self.token_buckets if b >= n_tok), None)
         p = next((b for b in self.page_buckets if b >= n_pages), None)
         if t is None or p is None:
@@ -155,44 +196,95 @@ class ModelRunner:
         qsl[len(plan.seqs) + 1:] = at
         return np.concatenate([tokens, positions, slots, token_seq, tables.ravel(), seq_lens, qsl, rows])
 
-    def run(self, plan: StepPlan, seqs: dict[str, Sequence], suppress: dict[str, list[int]]) -> dict[str, Sampled]:
-        """Execute one step; returns the sampled token of every sequence whose chunk asked for one."""
-        if not plan.seqs:
+    def run(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence],
+            suppress: dict[str, list[int]]) -> dict[str, Sampled]:
+        """Execute one step, plans[d] on data shard d; returns the sampled token of every
+        sequence whose chunk asked for one."""
+        if not any(plan.seqs for plan in plans):
             return {}
-        bucket = self._bucket_for(plan)
-        packed = jax.device_put(self._pack(plan, bucket))
-        logits, self.kv_cache = self._steps[bucket](self.params, self.kv_cache, packed)
-
-        row_params: list[RowParams | None] = [None] * bucket.rows
+        bucket = self._bucket_for(plans)
+        packed = np.stack([self._pack(plan, bucket) for plan in plans])  # (dp, L)
+        # (sampler row, chunk): shard d's rows are d * B .. d * B + B - 1
+        scheduled = [(d * bucket.rows + i, s) for d, plan in enumerate(plans) for i, s in enumerate(plan.seqs)]
+        n = self.dp * bucket.rows
+        row_params: list[RowParams | None] = [None] * n
         penalties = False
-        for i, s in enumerate(plan.seqs):
+        for r, s in scheduled:
             if s.sample:
                 seq = seqs[s.seq_id]
-                row_params[i] = RowParams(seq.params, seq.seed, seq.num_output_tokens, suppress.get(s.seq_id, []))
+                row_params[r] = RowParams(seq.params, seq.seed, seq.num_output_tokens, suppress.get(s.seq_id, []))
                 penalties |= seq.params.uses_penalties
-        tensors = SamplingTensors.build(row_params, bucket.rows)
-        args = (logits, tensors)
+        # Straight to the row shards in one transfer; with followers, staged in host memory to broadcast.
+        tensors = SamplingTensors.build(row_params, n, device=self._host_memory if self._multihost else self._rows)
+        extras = ()
         if penalties:
-            history = np.full((bucket.rows, self.max_model_len), -1, np.int32)
-            num_prompt = np.zeros(bucket.rows, np.int32)
-            for i, s in enumerate(plan.seqs):
+            history = np.full((n, self.max_model_len), -1, np.int32)
+            num_prompt = np.zeros(n, np.int32)
+            for r, s in scheduled:
                 seq = seqs[s.seq_id]
                 if s.sample and seq.params.uses_penalties:
                     ids = seq.all_token_ids
-                    history[i, :len(ids)] = ids
-                    num_prompt[i] = seq.num_prompt_tokens
-            args += (jax.device_put(history), jax.device_put(num_prompt))
-        out = self._samplers[(bucket.rows, penalties)](*args)
+                    history[r, :len(ids)] = ids
+                    num_prompt[r] = seq.num_prompt_tokens
+            extras = (history, num_prompt)
+        if self._multihost:
+            broadcast_one_to_all(self._header(_STEP, bucket, penalties))
+            packed, tensors, extras = broadcast_one_to_all((packed, _host(tensors), extras))
+        out = self._execute(bucket, packed, tensors, extras)
 
-        want_top = any(s.sample and seqs[s.seq_id].params.logprobs for s in plan.seqs)
-        token_ids, logprobs = np.asarray(out.token_ids), np.asarray(out.logprobs)
-        top_ids = np.asarray(out.top_ids) if want_top else None
-        top_lps = np.asarray(out.top_logprobs) if want_top else None
+        want_top = any(s.sample and seqs[s.seq_id].params.logprobs for _, s in scheduled)
+        token_ids, logprobs = _host(out.token_ids), _host(out.logprobs)
+        top_ids = _host(out.top_ids) if want_top else None
+        top_lps = _host(out.top_logprobs) if want_top else None
         result = {}
-        for i, s in enumerate(plan.seqs):
+        for r, s in scheduled:
             if s.sample:
                 result[s.seq_id] = Sampled(
-                    int(token_ids[i]), float(logprobs[i]),
-                    top_ids[i] if want_top else None, top_lps[i] if want_top else None,
+                    int(token_ids[r]), float(logprobs[r]),
+                    top_ids[r] if want_top else None, top_lps[r] if want_top else None,
                 )
         return result
+
+    def _execute(self, bucket: Bucket, packed, tensors, extras: tuple):
+        """The compiled step, then the sampler; every process runs this with the same inputs."""
+        logits, self.kv_cache = self._steps[bucket](self.params, self.kv_cache, self._put(packed))
+        return self._samplers[(bucket.rows, bool(extras))](logits, self._put(tensors), *self._put(extras))
+
+    def _put(self, tree):
+        """Host arrays onto the row shards (arrays already there stay). With several processes,
+        each process places its own shards of the identical broadcast values."""
+        if not self._multihost:
+            return jax.device_put(tree, self._rows)
+        return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, self._rows, lambda i: x[i]), tree)
+
+    # ---- several processes ---------------------------------------------------------
+
+    def _header(self, command: int, bucket: Bucket, penalties: bool) -> np.ndarray:
+        return np.asarray([command, self.buckets().index(bucket), penalties], np.int32)
+
+    def _payload(self, bucket: Bucket, penalties: bool) -> tuple:
+        """Zero host inputs of one step, shaped like what the lead broadcasts: (packed, tensors, extras)."""
+        tensors, *extras = self._sampler_inputs(bucket.rows, penalties)
+        return np.zeros((self.dp, self._packed_len(bucket)), np.int32), tensors, tuple(extras)
+
+    def follow(self) -> None:
+        """The loop of every process but the lead: run the steps the lead broadcasts until it stops."""
+        buckets = self.buckets()
+        while True:
+            command, index, penalties = broadcast_one_to_all(self._header(_STOP, buckets[0], False))
+            if command == _STOP:
+                return
+            bucket = buckets[index]
+            packed, tensors, extras = broadcast_one_to_all(self._payload(bucket, bool(penalties)))
+            self._execute(bucket, packed, tensors, extras)
+
+    def stop_followers(self) -> None:
+        """Release the followers from `follow` (the lead calls this once, when it shuts down)."""
+        if self._multihost and jax.process_index() == 0 and not self._followers_stopped:
+            self._followers_stopped = True
+            broadcast_one_to_all(self._header(_STOP, self.buckets()[0], False))
+
+
+def _host(tree):
+    """Device arrays (single-device or replicated) as numpy arrays, read from a local copy."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x), tree)

@@ -20,6 +20,7 @@ from models.registry import model_class
 from sharding.rules import Placement
 
 Place = Callable[[tuple, tuple, np.ndarray], jax.Array]
+DRAW_IN_SHARDS_BYTES = 1 << 30  # random weights above this size are drawn in their shards
 
 
 def _default_place(path, axes, array):
@@ -39,18 +40,26 @@ def abstract_model(cfg: ModelConfig, dtype):
 def random_model(cfg: ModelConfig, dtype="float32", seed: int = 0, place: Placement | None = None):
     """A model with random weights (benchmarks and tests; speed does not depend on weight values).
 
-    With `place`, the weights are drawn directly in their shards (a model larger than
-    one device still starts); the values do not depend on the mesh.
+    With `place`, the weights are put on its mesh; the values do not depend on the mesh.
+    Models above DRAW_IN_SHARDS_BYTES are drawn directly in their shards, so a model
+    larger than one device still starts; smaller ones are drawn on one device and
+    copied out, which compiles far less.
     """
     cls = model_class(cfg.architecture)
+    dtype = _dtype(dtype)
     if place is None:
-        return cls(cfg, _dtype(dtype), rngs=nnx.Rngs(seed))
+        return cls(cfg, dtype, rngs=nnx.Rngs(seed))
+    if cfg.num_params * dtype.itemsize <= DRAW_IN_SHARDS_BYTES:
+        model = cls(cfg, dtype, rngs=nnx.Rngs(seed))
+        for key, var in nnx.to_flat_state(nnx.state(model)):
+            var.set_value(place(key, var.get_metadata().get("logical_axes"), np.asarray(var.get_value())))
+        return model
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
     flat = dict(nnx.to_flat_state(state))
     axes = {key: var.get_metadata().get("logical_axes") for key, var in flat.items()}
 
     def init():
-        model = cls(cfg, _dtype(dtype), rngs=nnx.Rngs(seed))
+        model = cls(cfg, dtype, rngs=nnx.Rngs(seed))
         return {key: var.get_value() for key, var in nnx.to_flat_state(nnx.state(model))}
 
     shardings = {key: place.sharding(axes[key], var.shape) for key, var in flat.items()}
@@ -62,21 +71,20 @@ def random_model(cfg: ModelConfig, dtype="float32", seed: int = 0, place: Placem
 
 def model_config(path: str | os.PathLike) -> ModelConfig:
     """The config of a checkpoint: an HF folder, a .gguf file or a converted Orbax folder."""
-    from models.loaders import read_config
-
     if is_orbax_checkpoint(path):
         return read_model_config(path)
+    from models.loaders import read_config
+
     return ModelConfig.from_hf(read_config(path))
 
 
 def load_model(path: str | os.PathLike, dtype="float32", place: Place | None = None):
     """Load an HF folder (safetensors), a .gguf file or a converted Orbax folder. Returns (model, config)."""
-    from models.loaders import CheckpointError, iter_tensors, read_config
-
     if is_orbax_checkpoint(path):
         if place is not None and not isinstance(place, Placement):
             raise TypeError("restoring an Orbax checkpoint onto devices needs a sharding.Placement as `place`")
         return restore_model(path, _dtype(dtype), place)
+    from models.loaders import CheckpointError, iter_tensors, read_config
     dtype = _dtype(dtype)
     place = place or _default_place
     cfg = ModelConfig.from_hf(read_config(path))

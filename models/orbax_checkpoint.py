@@ -23,7 +23,6 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from models.config import ModelConfig, RopeScaling
-from models.registry import model_class
 
 CONFIG_FILE = "pagedjax_model.json"
 PARAMS_DIR = "params"
@@ -78,13 +77,14 @@ def restore_model(path: str | os.PathLike, dtype, place=None):
         sharding = place.sharding(axes, var.shape) if place is not None else default
         return jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)
 
+    targets = {name: target(var) for name, (_, var) in params.items()}
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(Path(path).absolute() / PARAMS_DIR, {name: target(var) for name, (_, var) in params.items()})
+        restored = ckptr.restore(Path(path).absolute() / PARAMS_DIR, targets)
     for name, (key, var) in params.items():
         value = restored[name]
         if place is not None:
             value = place.put(var.get_metadata().get("logical_axes"), value)
         var.set_value(value)
     inv_freq = np.asarray(cfg.rope_inv_freq())
-    flat[("inv_freq",)].set_value(place(("inv_freq",), None, inv_freq) if place is not None else jax.device_put(inv_freq))
+    flat[("inv_freq",)].set_value(jax.device_put(inv_freq) if place is None else place(("inv_freq",), None, inv_freq))
     return nnx.merge(graphdef, nnx.from_flat_state(flat)), cfg

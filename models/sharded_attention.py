@@ -51,7 +51,7 @@ def write_and_attend(
     q_spec = logical_to_spec(("batch", "heads", None))
     kv_spec = logical_to_spec(("batch", "kv_heads", None))
     cache_spec = logical_to_spec(CACHE_AXES)
-    meta_spec = jax.tree.map(lambda x: logical_to_spec(("batch",) + (None,) * (x.ndim - 1)), meta)
+    meta_spec = logical_to_spec(("batch",))  # a prefix: every field is split along its first axis
     return jax.shard_map(
         local,
         mesh=mesh,

@@ -1,4 +1,8 @@
-"""The `pagedjax` command: `generate` (one prompt, offline) and `serve` (the HTTP server)."""
+"""The `pagedjax` command: `generate` (one prompt, offline), `serve` (the HTTP server) and `convert` (to Orbax).
+
+In a multi-host run (`--num-processes N`), every process runs the same command with
+its own `--process-id`; process 0 does the work and the others execute its steps.
+"""
 
 import argparse
 import sys
@@ -45,6 +49,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from engine.source import convert
+
+    out = convert(args.model, args.out, dtype=args.dtype, tokenizer=args.tokenizer, tp=args.tp)
+    print(f"wrote {out}; serve it with --model {out}")
+    return 0
+
+
+def cmd_follow(args) -> int:
+    """Processes other than 0 of a multi-host run: build the same engine, then run process 0's steps."""
+    from engine.engine import LLMEngine
+
+    LLMEngine(engine_config(args), progress=False).follow()
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pagedjax", description="A JAX/XLA serving engine for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +78,14 @@ def main(argv=None) -> int:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
 
+    c = sub.add_parser("convert", help="write a checkpoint as an Orbax folder that loads onto any mesh")
+    c.add_argument("--model", help="HF folder, .gguf file or preset name (default: SmolLM2-135M-Instruct)")
+    c.add_argument("--out", required=True, help="folder to write (served later with --model OUT)")
+    c.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="weights dtype (default: auto, bfloat16 on accelerators, float32 on CPU)")
+    c.add_argument("--tokenizer", help="tokenizer to store beside the weights (default: the model's own)")
+    c.add_argument("--tp", type=int, default=1, help="devices to spread the weights over while converting")
+
     try:
         from server import serve_cli
     except ImportError:
@@ -67,6 +95,10 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     try:
+        if args.command == "convert":
+            return cmd_convert(args)
+        if (getattr(args, "process_id", None) or 0) > 0:
+            return cmd_follow(args)
         if args.command == "generate":
             return cmd_generate(args)
         return args.func(args)

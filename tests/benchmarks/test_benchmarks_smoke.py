@@ -1,0 +1,261 @@
+"""The benchmark harness end to end on the CPU, at toy sizes on the tiny preset.
+
+Speed is not checked here (speed claims live in the committed results); what is checked
+is that every script runs, counts what it says it counts, and writes the keys that
+`benchmarks/summarize.py`, the summary and vLLM-style comparisons rely on. The floors are
+checked against bytes and FLOPs counted by hand for the Llama-3.1-8B shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from benchmarks import roofline, serve, throughput
+from benchmarks.common import synthetic_tokenizer
+from engine.source import PRESETS
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = REPO / ".jax_cache" / "benchmark-tests"  # compiled steps persist between test runs
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+# Two token buckets and one page bucket: a few graphs, compiled once and then read from CACHE.
+ENGINE = ["--model", "tiny", "--max-model-len", "256", "--max-num-seqs", "8", "--max-num-batched-tokens", "64",
+          "--token-buckets", "16,64", "--page-buckets", "16", "--compilation-cache-dir", str(CACHE)]
+CEILINGS = {"copy_TBps": 0.01, "matmul_TFLOPs": 0.1}
+HEADER = ("device", "jax_version", "command", "workload", "metrics", "peer", "roofline")
+
+
+def run_module(module: str, *args: str, timeout: float = 300) -> None:
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{module} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cpu_children():
+    """Processes the harness starts itself (warm-up probe, server) inherit the environment: keep them on the CPU."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JAX_PLATFORMS", "cpu")
+        yield
+
+
+@pytest.fixture(scope="module")
+def ceilings_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("roofline") / "roofline.json"
+    path.write_text(json.dumps({"ceilings": CEILINGS}))
+    return str(path)
+
+
+# ---- floors -----------------------------------------------------------------------------
+
+
+def test_floors_of_llama3_8b_match_a_hand_count():
+    cfg = PRESETS["llama-3.1-8b"]()
+    e, f, layers, vocab = 4096, 14336, 32, 128256
+    per_layer = e * 4096 * 2 + e * 1024 * 2 + 3 * e * f + 2 * e  # q, o; k, v; gate, up, down; two norms
+    params = layers * per_layer + 2 * vocab * e + e  # untied embedding and LM head, final norm
+    assert cfg.num_params == params
+    # A decode step reads every weight but the embedding table (only its rows are gathered).
+    assert roofline.weight_bytes(cfg, 2) == (params - vocab * e) * 2
+    assert roofline.kv_bytes_per_token(cfg, 2) == 2 * layers * 8 * 128 * 2
+    t = 1024
+    flops = 2 * layers * (per_layer - 2 * e) * t + 2 * vocab * e + 4 * layers * 32 * 128 * t * (t + 1) // 2
+    floor = roofline.prefill_floor(cfg, 2, t, 1, {"copy_TBps": 3.0, "matmul_TFLOPs": 700.0})
+    assert floor["flops"] == flops
+    assert floor["floor_ms"] == pytest.approx(flops / 700e12 * 1e3, rel=1e-3)
+    assert floor["bound"] == "compute"
+    step = roofline.decode_step_floor(cfg, 2, [256], {"copy_TBps": 3.0, "matmul_TFLOPs": 700.0})
+    assert step["bound"] == "memory"
+    assert step["floor_ms"] == pytest.approx(((params - vocab * e) * 2 + 256 * 131072) / 3e12 * 1e3)
+
+
+def test_offline_floor_counts_waves():
+    cfg = PRESETS["tiny"]()
+    c = {"copy_TBps": 1.0, "matmul_TFLOPs": 10.0}
+    one = roofline.offline_floor(cfg, 4, 8, 32, 16, 8, c)["floor_s"]
+    assert roofline.offline_floor(cfg, 4, 24, 32, 16, 8, c)["floor_s"] == pytest.approx(3 * one)
+
+
+def test_num_prompts_fit_the_budget():
+    # A probe at 10 rows: 20 ms a step, of which the weights are half (1e9 bytes fixed, 1e8 per row).
+    p = {"concurrency": 100, "prefill_tok_s": 1e6, "rows": 10, "decode_step_ms_at_rows": 20.0,
+         "step_bytes_fixed": 1e9, "step_bytes_per_row": 1e8}
+    assert throughput.decode_step_ms(p, 100) == pytest.approx(20.0 * 11e9 / 2e9)  # 110 ms at 100 rows
+    wave = throughput.estimate_seconds(100, 1000, 101, p)
+    assert wave == pytest.approx(1.15 * (0.1 + 100 * 0.11))
+    assert throughput.estimate_seconds(250, 1000, 101, p) == pytest.approx(1.15 * (0.25 + 3 * 100 * 0.11))
+    assert throughput.choose_num_prompts(1000, 1000, 101, p, budget_s=1e9) == 1000
+    assert throughput.choose_num_prompts(1000, 1000, 101, p, budget_s=3.5 * wave) == 300  # whole waves
+    # Less than a wave: the most prompts of one wave that fit (fewer rows make each step cheaper).
+    n = throughput.choose_num_prompts(1000, 1000, 101, p, budget_s=0.5 * wave)
+    assert 0 < n < 100
+    assert throughput.estimate_seconds(n, 1000, 101, p) <= 0.5 * wave < throughput.estimate_seconds(n + 1, 1000, 101, p)
+    assert throughput.choose_num_prompts(1000, 1000, 101, p, budget_s=0.01) == 0  # not even one request
+
+
+# ---- the serve client's arithmetic --------------------------------------------------------
+
+
+def test_serve_metrics_follow_vllm_definitions():
+    r1 = serve.RequestResult(prompt_len=10, success=True, start_time=0.0, ttft=0.1, latency=0.5,
+                             itl=[0.1, 0.1, 0.1, 0.1], output_tokens=5)
+    r2 = serve.RequestResult(prompt_len=10, success=True, start_time=0.2, ttft=0.3, latency=0.3, itl=[],
+                             output_tokens=1)
+    r3 = serve.RequestResult(prompt_len=10, error="HTTP 429")
+    m = serve.compute_metrics([r1, r2, r3], duration=2.0, percentiles=[99])
+    assert (m["completed"], m["failed"], m["total_input_tokens"], m["total_output_tokens"]) == (2, 1, 20, 6)
+    assert m["request_throughput"] == 1.0 and m["output_throughput"] == 3.0 and m["total_token_throughput"] == 13.0
+    assert m["mean_tpot_ms"] == pytest.approx(100.0)  # (0.5 - 0.1) / (5 - 1); one-token requests have no TPOT
+    assert m["mean_ttft_ms"] == pytest.approx(200.0) and m["median_e2el_ms"] == pytest.approx(400.0)
+    assert m["mean_itl_ms"] == pytest.approx(100.0) and m["max_concurrent_requests"] == 2
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        assert {f"mean_{name}_ms", f"median_{name}_ms", f"std_{name}_ms", f"p99_{name}_ms"} <= m.keys()
+
+
+def test_poisson_arrivals_have_the_asked_rate():
+    gaps = serve.arrival_gaps(20000, rate=50.0, burstiness=1.0, seed=0)
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 50, rel=0.03)
+    assert serve.arrival_gaps(3, float("inf"), 1.0, 0) == [0.0, 0.0, 0.0]
+
+
+# ---- the scripts, end to end --------------------------------------------------------------
+
+
+def test_latency_cli(tmp_path, ceilings_file):
+    out = tmp_path / "latency.json"
+    run_module("benchmarks.latency", *ENGINE, "--case", "1x16x8", "--case", "3x24x4", "--ttft-input-len", "40",
+               "--repeats", "2", "--ttft-repeats", "2", "--ceilings", ceilings_file, "--out", str(out))
+    r = json.loads(out.read_text())
+    assert all(k in r for k in HEADER) and r["device"] == "cpu" and r["kind"] == "latency"
+    assert r["command"].startswith("python -m benchmarks.latency --model tiny")
+    b1, b3 = r["metrics"]["cases"]
+    assert (b1["batch"], b1["input_len"], b1["output_len"], b1["repeats"]) == (1, 16, 8, 2)
+    assert b1["decode_step_ms"] > 0 and b1["decode_tok_s"] == pytest.approx(1e3 / b1["decode_step_ms"])
+    assert b1["decode_steps_timed"] == 2 * 7  # every step after the first token, in each repeat
+    assert b3["batch"] == 3 and b3["decode_tok_s"] == pytest.approx(3e3 / b3["decode_step_ms"])
+    assert r["metrics"]["ttft"]["input_len"] == 40 and r["metrics"]["ttft"]["ttft_ms"] > 0
+    assert r["roofline"]["ceilings"] == CEILINGS and r["roofline"]["ttft"]["floor_ms"] > 0
+    assert r["engine"]["num_step_graphs"] == 2 and r["engine"]["attention_backend"]
+
+
+def test_throughput_cli_fits_the_budget(tmp_path, ceilings_file):
+    out = tmp_path / "throughput.json"
+    run_module("benchmarks.throughput", *ENGINE, "--num-prompts", "12", "--input-len", "20", "--output-len", "6",
+               "--max-seconds", "600", "--ceilings", ceilings_file, "--out", str(out))
+    r = json.loads(out.read_text())
+    assert all(k in r for k in HEADER) and r["kind"] == "throughput"
+    m = r["metrics"]
+    assert (m["num_requests"], m["total_input_tokens"], m["total_output_tokens"]) == (12, 240, 72)
+    assert m["tokens_per_second"] == pytest.approx(312 / m["elapsed_time"])
+    assert m["output_tokens_per_second"] == pytest.approx(72 / m["elapsed_time"])
+    assert m["requested_num_prompts"] == 12 and m["concurrency"] == 8
+    assert m["probe"]["concurrency"] == 8 and m["probe"]["rows"] >= 1 and m["estimate_s"] > 0
+    assert r["roofline"]["offline"]["output_tok_s"] > 0
+    assert r["workload"] == "12 prompts x 20 in x 6 out, offline"
+
+
+def test_warmup_probe_times_a_cold_and_a_cached_start(tmp_path):
+    from engine.config import EngineConfig
+
+    vocab = PRESETS["tiny"]().vocab_size
+    config = EngineConfig(model="tiny", tokenizer=synthetic_tokenizer(vocab, tmp_path / "tokenizer"),
+                          max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, token_buckets=(16, 64),
+                          page_buckets=(16,))
+    w = throughput.warmup_probe(config, str(tmp_path / "cache"))
+    assert [run["label"] for run in w["runs"]] == ["cold", "cached"]
+    assert [run["compilation_cache_empty_at_start"] for run in w["runs"]] == [True, False]
+    assert w["warmup_cold_s"] > w["warmup_cached_s"] > 0
+    assert any((tmp_path / "cache").iterdir())
+
+
+def test_serve_client_against_a_real_server(tmp_path):
+    if not (REPO / "server" / "serve_cli.py").exists():
+        pytest.skip("server/serve_cli.py (`pagedjax serve`) does not exist yet: nothing to measure")
+    vocab = PRESETS["tiny"]().vocab_size
+    tok = synthetic_tokenizer(vocab, tmp_path / "tokenizer")
+    server_args = " ".join(ENGINE + ["--tokenizer", tok])
+    proc, url = serve.launch_server(server_args, str(tmp_path / "server.log"))
+    args = Namespace(base_url=url, wait_ready=240.0, api_key=None, max_concurrency=3, request_timeout=120.0,
+                     model=None, num_prompts=7, num_warmups=1, input_len=12, output_len=5, vocab_size=vocab, seed=0,
+                     temperature=0.0, request_rate=50.0, burstiness=1.0, metric_percentiles="50,99",
+                     save_detailed=True)
+    try:
+        r = asyncio.run(serve.benchmark(args, proc))
+    except BaseException:
+        print((tmp_path / "server.log").read_text()[-5000:])
+        raise
+    finally:
+        serve.stop_server(proc)
+    assert r["model_id"] == "tiny" and r["completed"] == 7 and r["failed"] == 0, r["errors_sample"]
+    assert r["total_input_tokens"] == 7 * 12 and r["total_output_tokens"] == 7 * 5
+    # At most one chunk per token (every token of the synthetic vocabulary is text; a stream that lags
+    # behind the engine sends the newest text at once), counted from the usage chunk either way.
+    assert all(1 <= len(i) <= 4 for i in r["itls"]) and r["output_lens"] == [5] * 7
+    assert r["max_concurrent_requests"] <= 3
+    for key in ("request_throughput", "output_throughput", "total_token_throughput", "mean_ttft_ms",
+                "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_itl_ms", "median_e2el_ms", "duration"):
+        assert r[key] > 0, key
+    assert r["p50_tpot_ms"] == pytest.approx(r["median_tpot_ms"])
+
+
+def test_peer_presets_mirror_the_engine_presets():
+    from benchmarks.peer_hf import PRESET_METHODS, model_config
+
+    assert set(PRESET_METHODS) == set(PRESETS)
+    for name, make in PRESETS.items():  # two copies of the ModelConfig class: compare the fields
+        assert dataclasses.asdict(model_config(name)) == dataclasses.asdict(make())
+
+
+def test_model_suite_then_summarize(tmp_path, ceilings_file):
+    """One engine for latency and throughput; then the bundle, the result files, the summary and the plot."""
+    from benchmarks import summarize
+
+    work = tmp_path / "work"
+    (work / "results").mkdir(parents=True)
+    (work / "status").mkdir()
+    run_module("benchmarks.model_suite", *ENGINE, "--case", "1x16x6", "--ttft-input-len", "32", "--repeats", "1",
+               "--ttft-repeats", "1", "--num-prompts", "10", "--input-len", "16", "--output-len", "4",
+               "--ceilings", ceilings_file, "--out", str(work / "results" / "llama8b.json"))
+    suite = json.loads((work / "results" / "llama8b.json").read_text())
+    assert suite["metrics"]["throughput"]["num_requests"] == 10 and suite["workload"]["offline"] == "10x16x4"
+    peer = {"kind": "peer_hf", "model": "tiny", "device": "cpu", "workload": {"batch1": "16x6", "ttft_input_len": 32,
+            "generate_batch": "4x16x4"}, "metrics": {"generate_batch1": {"decode_tok_s": 5.0}, "generate_ttft": {
+            "ttft_ms": 50.0}, "generate_batch": {"output_tokens_per_second": 7.0, "manager_reused": True}}}
+    (work / "results" / "peer8b.json").write_text(json.dumps(peer))
+    for name, rc in (("llama8b", 0), ("peer8b", 0), ("serve", 124)):
+        (work / "status" / f"{name}.json").write_text(json.dumps({"rc": rc, "reason": "", "log_tail": []}))
+    bundle = summarize.bundle(work)
+    assert list(bundle["stages"]) == ["llama8b", "peer8b", "serve"] and bundle["stages"]["serve"]["result"] is None
+
+    results = summarize._results(bundle)
+    out = tmp_path / "results"
+    written = summarize.write_results(results, out)
+    assert sorted(p.name for p in written) == ["model_suite_tiny_cpu.json", "peer_hf_tiny_cpu.json"]
+    assert json.loads((out / "model_suite_tiny_cpu.json").read_text())["peer"]["batch1_decode_tok_s"] == 5.0
+    summary = summarize.update_summary(out / "summary.json", summarize.headline(results, None))
+    assert list(summary)[:7] == list(summarize.GOALS)
+    b1 = summary["llama3_8b_batch1_tok_s"]
+    assert b1["device"] == "cpu" and b1["peer"] == 5.0 and b1["goal"] == 180.0 and b1["value"] > 0
+    assert "tiny" in b1["workload"] and b1["floor"] > 0
+    offline = summary["llama3_8b_offline_1000x1024x1024_out_tok_s"]
+    assert offline["num_prompts"] == 10 and offline["workload"] == "tiny, offline, 10 prompts x 16 in x 4 out"
+    # The suite's warm-up counts as cold only when its compilation cache was empty (here CACHE is shared).
+    cold = suite["engine"]["compilation_cache_empty_at_start"]
+    assert (summary["warmup_cold_s"] is not None) == cold and summary["warmup_cached_s"] is None
+
+    # A later run stopped during its offline part: its latency figures update, the offline figure stays.
+    suite["metrics"]["throughput"] = None
+    suite["metrics"]["latency"]["cases"][0]["decode_tok_s"] = 123.0
+    later = summarize.update_summary(out / "summary.json", summarize.headline([{**suite, "stage": "llama8b"}], None))
+    assert later["llama3_8b_batch1_tok_s"]["value"] == 123.0
+    assert later["llama3_8b_offline_1000x1024x1024_out_tok_s"] == offline
+    pytest.importorskip("matplotlib")
+    assert summarize.plot(results, tmp_path / "plot.png") and (tmp_path / "plot.png").stat().st_size > 0
