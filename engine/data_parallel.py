@@ -21,11 +21,13 @@ from engine.sequence import Sequence
 
 
 class DataParallelScheduler:
-    def __init__(self, config: SchedulerConfig, num_pages: int, page_size: int, eos_token_ids: frozenset[int], dp: int):
+    def __init__(self, config: SchedulerConfig, num_pages: int, page_size: int, eos_token_ids: frozenset[int], dp: int,
+                 seed: int | None = None):
         """`config` and `num_pages` are per shard: each shard runs up to config.max_num_seqs sequences
         and config.max_num_batched_tokens tokens a step, over its own pool of `num_pages` pages."""
         self.allocators = [PageAllocator(num_pages, page_size) for _ in range(dp)]
-        self.shards = [Scheduler(config, alloc, eos_token_ids) for alloc in self.allocators]
+        self.shards = [Scheduler(config, alloc, eos_token_ids, seed=None if seed is None else seed + i)
+                       for i, alloc in enumerate(self.allocators)]
         self._shard_of: dict[str, int] = {}  # request id -> its shard, until the request is released
 
     @property
@@ -87,3 +89,8 @@ class DataParallelScheduler:
 
     def update(self, plans: tuple[StepPlan, ...], sampled: dict[str, int]) -> list[Sequence]:
         return [seq for shard, plan in zip(self.shards, plans) for seq in shard.update(plan, sampled)]
+
+    def reserve_ahead(self, plans: tuple[StepPlan, ...], steps: int) -> tuple[StepPlan, ...] | None:
+        """Scheduler.reserve_ahead on every shard; None if any shard is short of pages."""
+        grown = tuple(shard.reserve_ahead(plan, steps) for shard, plan in zip(self.shards, plans))
+        return None if any(g is None for g in grown) else grown

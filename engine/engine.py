@@ -100,12 +100,13 @@ class LLMEngine:
         self.scheduler = DataParallelScheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             max_model_len=self.max_model_len),
-            num_pages, config.page_size, self.eos_token_ids, config.dp,
+            num_pages, config.page_size, self.eos_token_ids, config.dp, seed=config.seed,
         )
         self.runner = ModelRunner(
             self.model, self.kv_cache, page_size=config.page_size, max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             token_buckets=config.token_buckets, page_buckets=config.page_buckets, mesh=self.mesh,
+            decode_steps=config.decode_steps or (1 if jax.default_backend() == "cpu" else 8),
         )
         del self.kv_cache  # the runner owns (and donates) the only reference
         self.warmup_seconds = self.runner.warmup(progress=progress)
@@ -202,15 +203,20 @@ class LLMEngine:
                                "call follow() instead")
         plans = self.scheduler.schedule()  # one per data shard
         seqs = {s.seq_id: self._seq(s.seq_id) for plan in plans for s in plan.seqs}
-        sampled = self.runner.run(plans, seqs, self._suppressed(seqs)) if seqs else {}
-        changed = self.scheduler.update(plans, {k: v.token_id for k, v in sampled.items()})
+        fused = self._reserve_fused(plans, seqs)
+        if fused is not None:
+            plans, steps = fused, self.runner.run_fused(fused, seqs)
+        else:
+            steps = [self.runner.run(plans, seqs, self._suppressed(seqs)) if seqs else {}]
         touched: dict[str, _Request] = {}
-        for seq in changed:
-            req = self._requests.get(seq.request_id)
-            if req is None:
-                continue
-            self._emit(req.completions[seq.index], sampled.get(seq.seq_id))
-            touched[req.request_id] = req
+        for sampled in steps:  # a fused call returns several steps; each is recorded as its own
+            changed = self.scheduler.update(plans, {k: v.token_id for k, v in sampled.items()})
+            for seq in changed:
+                req = self._requests.get(seq.request_id)
+                if req is None:
+                    continue
+                self._emit(req.completions[seq.index], sampled.get(seq.seq_id))
+                touched[req.request_id] = req
         for seq_id in (f for plan in plans for f in plan.freed):  # aborted requests show up here
             rid = self._request_of(seq_id)
             if rid in self._requests:
@@ -220,6 +226,26 @@ class LLMEngine:
             if r.finished:
                 del self._requests[r.request_id]
         return outputs
+
+    def _reserve_fused(self, plans, seqs: dict[str, Sequence]):
+        """Plans grown for `decode_steps` steps in one call, or None when a single step is due.
+
+        Fusing pays when nothing waits to join (it would wait `decode_steps` steps) and every
+        sequence is decoding with at least that many tokens to go and nothing that changes
+        per step on the host (penalty history, min_tokens suppression).
+        """
+        k = self.runner.decode_steps
+        if k < 2 or not seqs or self.scheduler.num_waiting:
+            return None
+        for plan in plans:
+            for s in plan.seqs:
+                seq = seqs[s.seq_id]
+                p = seq.params
+                if (len(s.token_ids) != 1 or not s.sample or p.uses_penalties
+                        or seq.num_output_tokens < p.min_tokens
+                        or p.max_tokens - seq.num_output_tokens < k or self.max_model_len - seq.num_tokens < k):
+                    return None
+        return self.scheduler.reserve_ahead(plans, k)
 
     def _seq(self, seq_id: str) -> Sequence:
         return self._requests[self._request_of(seq_id)].completions[int(seq_id.rsplit("-", 1)[1])].seq

@@ -60,11 +60,12 @@ class Sampled:
     top_logprobs: np.ndarray | None
 
 
-def _powers_of_two(lo: int, hi: int) -> list[int]:
+def _powers(base: int, lo: int, hi: int) -> list[int]:
+    """lo, lo * base, lo * base**2, ... below hi, then hi."""
     out, b = [], lo
     while b < hi:
         out.append(b)
-        b *= 2
+        b *= base
     return out + [hi]
 
 
@@ -73,7 +74,8 @@ _STOP, _STEP = 0, 1  # commands the lead broadcasts to followers
 
 class ModelRunner:
     def __init__(self, model, kv_cache, *, page_size: int, max_model_len: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, token_buckets=None, page_buckets=None, mesh: Mesh | None = None):
+                 max_num_batched_tokens: int, token_buckets=None, page_buckets=None, mesh: Mesh | None = None,
+                 decode_steps: int = 1):
         """`mesh` (default: one device) holds the params and the cache; each of its data shards runs
         one StepPlan a step, with up to `max_num_seqs` sequences and `max_num_batched_tokens` tokens."""
         self.mesh = mesh or make_mesh(1, 1)
@@ -92,17 +94,34 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         max_pages = -(-max_model_len // page_size)
-        self.token_buckets = sorted(token_buckets or _powers_of_two(min(16, max_num_batched_tokens), max_num_batched_tokens))
-        self.page_buckets = sorted(set(page_buckets or [max(1, max_pages // 16), max(1, max_pages // 4), max_pages]))
+        # Few buckets keep warm-up short (each is a compiled graph); padding a decode step costs
+        # little, since its matmuls are bound by reading the weights, not by the rows.
+        self.token_buckets = sorted(token_buckets or _powers(4, min(16, max_num_batched_tokens), max_num_batched_tokens))
+        self.page_buckets = sorted(set(page_buckets or [max(1, max_pages // 16), max_pages]))
+        if self.token_buckets[-1] < max_num_batched_tokens or self.page_buckets[-1] < max_pages:
+            raise ValueError(
+                f"buckets must reach max_num_batched_tokens={max_num_batched_tokens} tokens and "
+                f"max_model_len={max_model_len} / page_size={page_size} = {max_pages} pages "
+                f"(got token_buckets={self.token_buckets}, page_buckets={self.page_buckets})"
+            )
         self._steps: dict[Bucket, object] = {}  # compiled model steps
         self._samplers: dict[tuple[int, bool], object] = {}  # compiled samplers, by (rows, with penalties)
+        # Fused decode (several steps a call) pays when the host is slower than a step; not across processes.
+        self.decode_steps = 1 if self._multihost else decode_steps
+        self._fused: dict[Bucket, object] = {}  # compiled fused decode steps, for buckets a decode plan uses
 
     # ---- compilation ---------------------------------------------------------------
 
     def buckets(self) -> list[Bucket]:
         return [Bucket(t, min(t, self.max_num_seqs) + 1, p) for t in self.token_buckets for p in self.page_buckets]
 
-    def _step_fn(self, params, kv_cache, packed, bucket: Bucket):
+    def decode_buckets(self) -> list[Bucket]:
+        """The buckets a plan of decodes only (one token per sequence) can land in."""
+        largest = next(t for t in self.token_buckets if t >= min(self.max_num_seqs, self.token_buckets[-1]))
+        return [bk for bk in self.buckets() if bk.tokens <= largest]
+
+    def _unpack(self, packed, bucket: Bucket):
+        """(dp, L) packed rows -> flat tokens and metadata over all shards, and the logit rows."""
         t, b, p = bucket.tokens, bucket.rows, bucket.pages
         dp = packed.shape[0]  # packed: (dp, L), one row per data shard
         sizes = [t, t, t, t, b * p, b, b + 1, b]
@@ -110,10 +129,51 @@ class ModelRunner:
         tokens, positions, slots, token_seq, tables, seq_lens, qsl, rows = (f.reshape(-1) for f in fields)
         meta = AttentionMetadata(positions=positions, slot_mapping=slots, token_seq=token_seq,
                                  block_tables=tables.reshape(dp * b, p), seq_lens=seq_lens, query_start_loc=qsl)
+        return tokens, meta, rows
+
+    def _logits(self, model, hidden, rows, bucket: Bucket):
+        """(dp * B, V) float32 logits of each row's last token."""
+        dp = rows.shape[0] // bucket.rows
+        last = jnp.take_along_axis(hidden.reshape(dp, bucket.tokens, -1), rows.reshape(dp, bucket.rows, 1), axis=1)
+        return model.logits(last.reshape(dp * bucket.rows, -1))
+
+    def _step_fn(self, params, kv_cache, packed, bucket: Bucket):
+        tokens, meta, rows = self._unpack(packed, bucket)
         model = nnx.merge(self.graphdef, params)
         hidden, kv_cache = model(tokens, kv_cache, meta)  # (dp * T, E)
-        last = jnp.take_along_axis(hidden.reshape(dp, t, -1), rows.reshape(dp, b, 1), axis=1)  # (dp, B, E)
-        return model.logits(last.reshape(dp * b, -1)), kv_cache  # (dp * B, V) float32
+        return self._logits(model, hidden, rows, bucket), kv_cache
+
+    def _fused_fn(self, params, kv_cache, packed, tensors, bucket: Bucket, steps: int):
+        """`steps` decode steps in one call: each row's sampled token is the next step's input.
+
+        Only for plans of decodes (token i of shard d is row i), with pages already held
+        for every position the steps reach. Returns (steps, dp * B) token ids and logprobs,
+        (steps, dp * B, K) top logprobs, and the cache.
+        """
+        tokens, meta, rows = self._unpack(packed, bucket)
+        model = nnx.merge(self.graphdef, params)
+        t, b, ps = bucket.tokens, bucket.rows, self.page_size
+        shard_row = meta.token_seq + (jnp.arange(tokens.shape[0]) // t) * b  # row of each token, over shards
+        real = meta.seq_lens[shard_row] > 0  # padding tokens keep writing to the trash page
+
+        def one(k, carry):
+            kv_cache, tokens, out = carry
+            pos = meta.positions + k
+            page = jnp.take_along_axis(meta.block_tables[shard_row], (pos // ps)[:, None], axis=1)[:, 0]
+            step_meta = meta.replace(
+                positions=jnp.where(real, pos, meta.positions),
+                slot_mapping=jnp.where(real, page * ps + pos % ps, meta.slot_mapping),
+                seq_lens=jnp.where(meta.seq_lens > 0, meta.seq_lens + k, 0),
+            )
+            hidden, kv_cache = model(tokens, kv_cache, step_meta)
+            sampled = sample(self._logits(model, hidden, rows, bucket), tensors.replace(step=tensors.step + k))
+            out = jax.tree.map(lambda acc, x: acc.at[k].set(x), out, sampled)
+            return kv_cache, jnp.where(real, sampled.token_ids[shard_row], 0), out
+
+        logits_shape = jax.ShapeDtypeStruct((tensors.step.shape[0], model.config.vocab_size), jnp.float32)
+        out = jax.tree.map(lambda x: jnp.zeros((steps,) + x.shape, x.dtype), jax.eval_shape(sample, logits_shape, tensors))
+        kv_cache, _, out = jax.lax.fori_loop(0, steps, one, (kv_cache, tokens, out))
+        return out, kv_cache
 
     def _packed_len(self, bucket: Bucket) -> int:
         return 4 * bucket.tokens + bucket.rows * bucket.pages + 3 * bucket.rows + 1
@@ -123,7 +183,8 @@ class ModelRunner:
         start = time.perf_counter()
         todo = self.buckets()
         rows = sorted({bk.rows for bk in todo})
-        bar = tqdm(total=len(todo) + 2 * len(rows), desc="compiling", disable=not progress, unit="graph")
+        fused = self.decode_buckets() if self.decode_steps > 1 else []
+        bar = tqdm(total=len(todo) + 2 * len(rows) + len(fused), desc="compiling", disable=not progress, unit="graph")
         step = jax.jit(self._step_fn, static_argnums=(3,), donate_argnums=(1,),
                        in_shardings=(self._param_shardings, self._cache_shardings, self._rows),
                        out_shardings=(self._rows, self._cache_shardings))
@@ -139,6 +200,15 @@ class ModelRunner:
                 sampler = jax.jit(sample, in_shardings=(self._rows,) * len(args), out_shardings=self._replicated)
                 self._samplers[(r, penalties)] = sampler.lower(*args).compile()
                 bar.update()
+        fused_step = jax.jit(self._fused_fn, static_argnums=(4, 5), donate_argnums=(1,),
+                             in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._rows),
+                             out_shardings=(self._replicated, self._cache_shardings))
+        for bucket in fused:
+            packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket)), jnp.int32)
+            tensors = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._sampler_inputs(bucket.rows, False)[0])
+            self._fused[bucket] = fused_step.lower(self.params, self.kv_cache, packed, tensors, bucket,
+                                                   self.decode_steps).compile()
+            bar.update()
         if self._multihost:  # compile the broadcasts of every step's inputs too
             for bucket in todo:
                 for penalties in (False, True):
@@ -232,18 +302,35 @@ class ModelRunner:
             packed, tensors, extras = broadcast_one_to_all((packed, _host(tensors), extras))
         out = self._execute(bucket, packed, tensors, extras)
 
+        return self._results(scheduled, seqs, out)
+
+    @staticmethod
+    def _results(scheduled, seqs: dict[str, Sequence], out) -> dict[str, Sampled]:
+        """Read one step's sampler output back for every chunk that sampled."""
         want_top = any(s.sample and seqs[s.seq_id].params.logprobs for _, s in scheduled)
         token_ids, logprobs = _host(out.token_ids), _host(out.logprobs)
         top_ids = _host(out.top_ids) if want_top else None
         top_lps = _host(out.top_logprobs) if want_top else None
-        result = {}
+        return {
+            s.seq_id: Sampled(int(token_ids[r]), float(logprobs[r]),
+                              top_ids[r] if want_top else None, top_lps[r] if want_top else None)
+            for r, s in scheduled if s.sample
+        }
+
+    def run_fused(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence]) -> list[dict[str, Sampled]]:
+        """`decode_steps` decode steps in one call, for plans of decodes whose sequences hold pages
+        for every position reached (Scheduler.reserve_ahead). One result dict per step."""
+        bucket = self._bucket_for(plans)
+        packed = np.stack([self._pack(plan, bucket) for plan in plans])  # (dp, L)
+        scheduled = [(d * bucket.rows + i, s) for d, plan in enumerate(plans) for i, s in enumerate(plan.seqs)]
+        row_params: list[RowParams | None] = [None] * (self.dp * bucket.rows)
         for r, s in scheduled:
-            if s.sample:
-                result[s.seq_id] = Sampled(
-                    int(token_ids[r]), float(logprobs[r]),
-                    top_ids[r] if want_top else None, top_lps[r] if want_top else None,
-                )
-        return result
+            seq = seqs[s.seq_id]
+            row_params[r] = RowParams(seq.params, seq.seed, seq.num_output_tokens)
+        tensors = SamplingTensors.build(row_params, len(row_params), device=self._rows)
+        out, self.kv_cache = self._fused[bucket](self.params, self.kv_cache, self._put(packed), tensors)
+        out = _host(out)  # one read of every step's results; slicing numpy compiles nothing
+        return [self._results(scheduled, seqs, jax.tree.map(lambda x: x[k], out)) for k in range(self.decode_steps)]
 
     def _execute(self, bucket: Bucket, packed, tensors, extras: tuple):
         """The compiled step, then the sampler; every process runs this with the same inputs."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.allocator import PageAllocator
 from engine.params import SamplingParams
@@ -255,6 +255,21 @@ class Scheduler:
                 self._finish(seq, "length")  # outputs grow one at a time, so == catches max_tokens
             touched.append(seq)
         return touched
+
+    def reserve_ahead(self, plan: StepPlan, steps: int) -> StepPlan | None:
+        """For a plan of decodes only, make room for `steps` decode steps in one call.
+
+        Allocates the pages each sequence needs to hold `steps` more tokens and returns
+        the plan with the grown page lists; None (and nothing allocated) if the pool is short.
+        The extra pages are the ones the next steps would take anyway.
+        """
+        alloc = self.allocator
+        need = {s.seq_id: alloc.pages_needed(s.seq_id, s.start_pos + steps) for s in plan.seqs}
+        if sum(need.values()) > alloc.num_free_pages:
+            return None
+        for seq_id, n in need.items():
+            alloc.allocate(seq_id, n)
+        return replace(plan, seqs=tuple(replace(s, page_ids=tuple(alloc.pages_of(s.seq_id))) for s in plan.seqs))
 
     def _plan_chunk(self, seq: Sequence, num: int) -> ScheduledSeq:
         """Allocate the pages `seq` needs to compute its next `num` tokens and describe the chunk."""

@@ -129,3 +129,35 @@ def test_smollm2_greedy_matches_hf():
         assert out.outputs[0].token_ids == case["new_ids"], case.get("text")
     france = next(o for c, o in zip(cases, outs) if "France" in c.get("prompt_text", "") or "France" in str(c))
     assert "Paris" in france.outputs[0].text
+
+
+def test_fused_decode_matches_hf_and_compiles_nothing():
+    """Several decode steps per call (when nothing waits) give HF's tokens, and all is compiled up front."""
+    folder = GOLDEN / "tiny" / "llama3"
+    golden = json.loads((folder / "greedy.json").read_text())
+    cases, n = golden["cases"], golden["max_new_tokens"]
+    llm = _tiny_llm(folder, decode_steps=4)
+    calls = []
+    run_fused = llm.engine.runner.run_fused
+    llm.engine.runner.run_fused = lambda *a: calls.append(1) or run_fused(*a)
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        outs = llm.generate([c["prompt_ids"] for c in cases], greedy(n), use_tqdm=False)
+        seeded = [llm.generate([c["prompt_ids"] for c in cases], SamplingParams(temperature=1.0, seed=5, max_tokens=n),
+                               use_tqdm=False) for _ in range(2)]
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert calls, "no step was fused"
+    assert [o.outputs[0].token_ids for o in outs] == [c["new_ids"] for c in cases]
+    assert compiles == []
+    single = _tiny_llm(folder)  # decode_steps 1 on CPU
+    again = single.generate([c["prompt_ids"] for c in cases], SamplingParams(temperature=1.0, seed=5, max_tokens=n),
+                            use_tqdm=False)
+    for o in seeded:
+        assert [x.outputs[0].token_ids for x in o] == [x.outputs[0].token_ids for x in again]
