@@ -43,7 +43,8 @@
 #   --token-buckets 16,64,S,1024,2048 (S = max-num-seqs)
 #                              batch-1 decode, small batches, a full decode batch, one 1024-token
 #                              prompt, a full prefill chunk; 5 x 3 = 15 step graphs to compile
-#   --page-buckets 32,64,128   batch-1 (<= 512 tokens), TTFT (1024), full length (2048)
+#   --page-buckets 64,128      up to 1024 tokens (batch 1, TTFT), full length (2048); with the fused
+#                              decode graphs (token buckets <= S) that is 10 + 6 step graphs
 set -u
 
 export PYTHONUNBUFFERED=1
@@ -70,7 +71,7 @@ device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1
 echo "benchmark run: stages ${stages[*]}; ${device:-no nvidia-smi}; $($py --version 2>&1)"
 
 roofline="$work/results/roofline.json"
-common=(--page-size 16 --max-model-len 2048 --max-num-batched-tokens 2048 --memory-utilization 0.9 --page-buckets 32,64,128)
+common=(--page-size 16 --max-model-len 2048 --max-num-batched-tokens 2048 --memory-utilization 0.9 --page-buckets 64,128)
 m8=llama-3.1-8b m1=llama-3.2-1b vocab=128256
 engine8b=(--model $m8 "${common[@]}" --max-num-seqs 192 --token-buckets 16,64,192,1024,2048)
 engine1b=(--model $m1 "${common[@]}" --max-num-seqs 256 --token-buckets 16,64,256,1024,2048)

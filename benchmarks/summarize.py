@@ -277,7 +277,8 @@ def plot(results: list[dict], path: Path) -> bool:
             ax.bar_label(bars, fmt="%.0f", fontsize=7)
         ax.set_xticks(range(len(labels)), labels, fontsize=8)
         ax.set_title(title)
-        ax.set_yscale("log")
+        if any(v > 0 for vals in series.values() for v in vals):  # a log axis needs a positive value
+            ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     dev = suites[0].get("device")
     fig.suptitle(f"{dev}, jax {suites[0].get('jax_version')}, {suites[0].get('date', '')[:10]} "

@@ -6,6 +6,7 @@ weights and Orbax restores also use to create each array straight in its shards)
 The default puts everything on the default device.
 """
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -54,18 +55,24 @@ def random_model(cfg: ModelConfig, dtype="float32", seed: int = 0, place: Placem
         for key, var in nnx.to_flat_state(nnx.state(model)):
             var.set_value(place(key, var.get_metadata().get("logical_axes"), np.asarray(var.get_value())))
         return model
+    # One small compiled draw per (shape, sharding), shared by all layers: compiling the whole
+    # init as one graph takes minutes at 8B. Matrices get normal(0, 1 / sqrt(shape[0])) values,
+    # norm scales ones, biases zeros: the model's own init, up to the scale of a few matrices.
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
     flat = dict(nnx.to_flat_state(state))
-    axes = {key: var.get_metadata().get("logical_axes") for key, var in flat.items()}
-
-    def init():
-        model = cls(cfg, dtype, rngs=nnx.Rngs(seed))
-        return {key: var.get_value() for key, var in nnx.to_flat_state(nnx.state(model))}
-
-    shardings = {key: place.sharding(axes[key], var.shape) for key, var in flat.items()}
-    values = jax.jit(init, out_shardings=shardings)()
-    for key, var in flat.items():
-        var.set_value(place.put(axes[key], values[key]))
+    draw = functools.cache(lambda shape, sharding, kind: jax.jit(
+        lambda k: (jnp.ones(shape, dtype) if kind == "ones" else jnp.zeros(shape, dtype) if kind == "zeros"
+                   else (jax.random.normal(k, shape, jnp.float32) * shape[0] ** -0.5).astype(dtype)),
+        out_shardings=sharding))
+    key = jax.random.key(seed)
+    for i, (path, var) in enumerate(sorted(flat.items(), key=lambda kv: str(kv[0]))):
+        if not isinstance(var, nnx.Param):  # the one constant, the RoPE frequencies, comes from the config
+            assert path == ("inv_freq",), f"no random value for the non-parameter {path}"
+            var.set_value(jnp.asarray(cfg.rope_inv_freq()))
+            continue
+        kind = "ones" if path[-1] == "weight" else "zeros" if path[-1].endswith("bias") else "normal"
+        sharding = place.sharding(var.get_metadata().get("logical_axes"), var.shape)
+        var.set_value(draw(tuple(var.shape), sharding, kind)(jax.random.fold_in(key, i)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
