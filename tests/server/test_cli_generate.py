@@ -21,5 +21,5 @@ def test_generate_prints_a_completion():
 def test_generate_reports_a_bad_model_clearly():
     out = run("--model", "no/such/folder", "Hello")
     assert out.returncode == 2
-    assert "neither an existing HF folder or .gguf file nor a preset" in out.stderr
+    assert "is neither an existing HF folder" in out.stderr and "tiny" in out.stderr
     assert "Traceback" not in out.stderr
