@@ -8,12 +8,12 @@ preemption are checked to change nothing.
 import json
 from pathlib import Path
 
-import jax
 import pytest
 
 from engine import LLM, SamplingParams
 from engine.engine import LLMEngine
 from engine.config import EngineConfig
+from compiles import recorded_compiles
 from models.default import default_model_path
 
 GOLDEN = Path(__file__).parent.parent / "golden"
@@ -90,14 +90,7 @@ def test_staggered_arrivals_and_abort():
 def test_nothing_compiles_after_warmup():
     folder = GOLDEN / "tiny" / TINY[0]
     llm = _tiny_llm(folder)
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if "backend_compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with recorded_compiles() as compiles:
         mixed = [
             SamplingParams(temperature=0.0, max_tokens=9),
             SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=1, max_tokens=7, logprobs=5),
@@ -105,8 +98,6 @@ def test_nothing_compiles_after_warmup():
             SamplingParams(temperature=0.7, n=2, seed=3, max_tokens=5, min_tokens=3),
         ]
         llm.generate([[5, 6, 7], list(range(1, 40)), [9] * 20, [3, 4]], mixed, use_tqdm=False)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
 
 
@@ -140,19 +131,10 @@ def test_fused_decode_matches_hf_and_compiles_nothing():
     calls = []
     run_fused = llm.engine.runner.run_fused
     llm.engine.runner.run_fused = lambda *a: calls.append(1) or run_fused(*a)
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if "backend_compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with recorded_compiles() as compiles:
         outs = llm.generate([c["prompt_ids"] for c in cases], greedy(n), use_tqdm=False)
         seeded = [llm.generate([c["prompt_ids"] for c in cases], SamplingParams(temperature=1.0, seed=5, max_tokens=n),
                                use_tqdm=False) for _ in range(2)]
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert calls, "no step was fused"
     assert [o.outputs[0].token_ids for o in outs] == [c["new_ids"] for c in cases]
     assert compiles == []

@@ -14,6 +14,7 @@ import jax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from compiles import recorded_compiles
 from parallel_workload import SMALL, run_workload
 
 from engine.config import EngineConfig
@@ -31,17 +32,8 @@ def _engine(model: str, dp: int, tp: int, **overrides) -> LLMEngine:
 
 
 def _run_without_compiling(engine: LLMEngine, **workload) -> list:
-    compiles = []
-
-    def listener(event, duration, **kwargs):
-        if "backend_compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with recorded_compiles() as compiles:
         outputs = run_workload(engine, **workload)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == [], "compiled after warm-up"
     return outputs
 
