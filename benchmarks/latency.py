@@ -10,9 +10,10 @@ until all finish. One untimed run of the same shape comes first (warm-up); then,
 
 * `e2e_latency_ms`: submission to the last request's end (vLLM `bench latency`'s figure);
 * `ttft_ms`: submission to each request's first token, mean over the batch;
-* `decode_step_ms`: median duration of the steps in which every request decoded (all
-  prefills done, none finished yet); `decode_tok_s` = B / step; at B = 1 this is the
-  batch-1 decode speed (`1000 / decode_step_ms` tokens/s);
+* `decode_step_ms`: time per decode step, over the engine steps in which every request
+  decoded (all prefills done, none finished yet): their total duration over the decode
+  steps they made (a call that fused k decode steps counts k); `decode_tok_s` = B / step;
+  at B = 1 this is the batch-1 decode speed (`1000 / decode_step_ms` tokens/s);
 * `tpot_ms`: (E2EL - TTFT) / (O - 1) per request, as vLLM defines it.
 
 The TTFT case (`--ttft-input-len L`): one prompt of L tokens on an idle engine, one output
@@ -48,12 +49,15 @@ def sampling_params(output_len: int):
     return SamplingParams(temperature=1.0, top_p=1.0, max_tokens=output_len, ignore_eos=True)
 
 
-def _decode_steps(run) -> list[float]:
-    """Durations of the steps where every request of the run decoded one token."""
+def _decode_steps(run) -> list[tuple[float, int]]:
+    """(duration, decode steps made) of the engine steps where every request of the run decoded
+    the same number of tokens (1, or k for a call that fused k decode steps)."""
     reqs = run.requests.values()
     all_started = max(r.first for r in reqs)
     first_done = min(r.finish for r in reqs)
-    return [t1 - t0 for t0, t1, n in run.steps if t0 >= all_started and t1 <= first_done and n == len(run.requests)]
+    n_req = len(run.requests)
+    return [(t1 - t0, n // n_req) for t0, t1, n in run.steps
+            if t0 >= all_started and t1 <= first_done and n and n % n_req == 0]
 
 
 def measure_case(engine, batch: int, input_len: int, output_len: int, repeats: int, seed: int = 0,
@@ -77,14 +81,14 @@ def measure_case(engine, batch: int, input_len: int, output_len: int, repeats: i
         if output_len > 1:
             tpots += [(t.finish - t.first) / (output_len - 1) for t in reqs]
         preemptions += run.num_preemptions
-    step_ms = median(steps) * 1e3 if steps else None
+    step_ms = sum(d for d, _ in steps) / sum(k for _, k in steps) * 1e3 if steps else None
     return {
         "batch": batch, "input_len": input_len, "output_len": output_len, "repeats": repeats,
         "e2e_latency_ms": median(e2e) * 1e3, "e2e_latency_ms_all": [x * 1e3 for x in e2e],
         "ttft_ms": median(ttft) * 1e3,
         "last_first_token_ms": median(ttft_last) * 1e3,  # when the whole batch had been prefilled
         "decode_step_ms": step_ms, "decode_steps_timed": len(steps),
-        "decode_step_ms_stats": stats_ms(steps),
+        "decode_step_ms_stats": stats_ms([d / k for d, k in steps]),  # per decode step, by engine step
         "decode_tok_s": batch * 1e3 / step_ms if step_ms else None,
         "tpot_ms": stats_ms(tpots),
         "num_preemptions": preemptions,

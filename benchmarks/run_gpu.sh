@@ -138,7 +138,7 @@ for s in "${stages[@]}"; do
       stage warmup8b 120 40 $py -m benchmarks.throughput --warmup-only "${engine8b[@]}" \
         --out "$work/results/warmup8b.json" ;;
     llama1b)
-      stage llama1b 220 90 $py -m benchmarks.model_suite "${engine1b[@]}" "${workloads[@]}" \
+      stage llama1b 330 90 $py -m benchmarks.model_suite "${engine1b[@]}" "${workloads[@]}" \
         --max-seconds $budget1b $(ceilings) --out "$work/results/llama1b.json" ;;
     peer8b)
       stage peer8b 150 60 $peer_py -m benchmarks.peer_hf --model $m8 "${peer8b[@]}" --out "$work/results/peer8b.json" ;;

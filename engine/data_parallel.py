@@ -47,6 +47,10 @@ class DataParallelScheduler:
         """Fraction of usable pages in use, over all shards."""
         return sum(a.usage for a in self.allocators) / len(self.allocators)
 
+    def can_admit_waiting(self) -> bool:
+        """Whether some shard has a waiting sequence and a free seat for it."""
+        return any(s.num_waiting and s.num_running < s.config.max_num_seqs for s in self.shards)
+
     def has_unfinished(self) -> bool:
         return any(s.has_unfinished() for s in self.shards)
 

@@ -230,12 +230,13 @@ class LLMEngine:
     def _reserve_fused(self, plans, seqs: dict[str, Sequence]):
         """Plans grown for `decode_steps` steps in one call, or None when a single step is due.
 
-        Fusing pays when nothing waits to join (it would wait `decode_steps` steps) and every
-        sequence is decoding with at least that many tokens to go and nothing that changes
-        per step on the host (penalty history, min_tokens suppression).
+        Fusing pays when nothing could join meanwhile (no waiting sequence, or no free seat for
+        one) and every sequence is decoding with at least that many tokens to go (so none ends
+        by length inside the call) and nothing that changes per step on the host (penalty
+        history, min_tokens suppression).
         """
         k = self.runner.decode_steps
-        if k < 2 or not seqs or self.scheduler.num_waiting:
+        if k < 2 or not seqs or self.scheduler.can_admit_waiting():
             return None
         for plan in plans:
             for s in plan.seqs:
