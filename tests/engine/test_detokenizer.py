@@ -8,7 +8,6 @@ tokens, and never show any part of a stop string.
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,9 @@ from hypothesis import strategies as st
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.tokenizer import Tokenizer, _byte_alphabet
+from packaged import packaged_file
 
 REPLACEMENT = "\ufffd"
-
-
-def packaged_file(distribution: str, relative: str) -> Path:
-    try:
-        return Path(str(importlib.metadata.distribution(distribution).locate_file(relative)))
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip(f"{distribution} is not installed")
 
 
 @pytest.fixture(scope="module")

@@ -7,24 +7,18 @@ chat renderings) and what sentencepiece gives for Mistral's `tokenizer.model.v1`
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from pathlib import Path
 
+import gguf
 import pytest
 
 from engine.tokenizer import ChatTemplateError, Tokenizer, _byte_level_pre_tokenizer, _read_sentencepiece_model
+from packaged import packaged_file
 
 GOLDEN = json.loads((Path(__file__).parents[1] / "golden" / "tokenizer_golden.json").read_text(encoding="utf-8"))
 SMOLLM2 = GOLDEN["smollm2"]
 MISTRAL = GOLDEN["mistral"]
-
-
-def packaged_file(distribution: str, relative: str) -> Path:
-    try:
-        return Path(str(importlib.metadata.distribution(distribution).locate_file(relative)))
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip(f"{distribution} is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +133,6 @@ def test_sentencepiece_encode_decode_match_sentencepiece(mistral, record):
 def test_sentencepiece_gguf_matches_sentencepiece(mistral_model_file, tmp_path):
     # A vocabulary-only GGUF as llama.cpp writes one for a Llama/Mistral model, written
     # with the gguf package's own writer (which also checks our metadata reader).
-    gguf = pytest.importorskip("gguf")
     model = _read_sentencepiece_model(mistral_model_file)
     path = tmp_path / "mistral-vocab.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
