@@ -102,3 +102,14 @@ def test_awkward_heads_match_hf(dp, tp):
 def test_mesh_larger_than_devices_is_refused():
     with pytest.raises(MeshError, match=r"dp=4 x tp=4 needs 16 devices, but 8 cpu devices are visible"):
         _engine("tiny", 4, 4)
+
+
+@pytest.mark.parametrize(("dp", "tp"), [(2, 1), (2, 2)], ids=["dp2-tp1", "dp2-tp2"])
+def test_fused_decode_on_a_mesh_matches_one_device(one_device, dp, tp):
+    """Several decode steps per call, on data and model shards, give the single-step tokens."""
+    engine = _engine("tiny", dp, tp, decode_steps=4)
+    fused = []
+    run_fused = engine.runner.run_fused
+    engine.runner.run_fused = lambda *a: fused.append(1) or run_fused(*a)
+    assert _run_without_compiling(engine) == one_device
+    assert fused, "no step was fused"
