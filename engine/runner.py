@@ -81,6 +81,7 @@ class ModelRunner:
         self.mesh = mesh or make_mesh(1, 1)
         self.dp = self.mesh.shape[DATA]
         model.mesh = self.mesh  # attention runs per shard
+        self.vocab_size = model.config.vocab_size
         self.graphdef, self.params = nnx.split(model)
         self.kv_cache = kv_cache
         self._param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
@@ -194,7 +195,7 @@ class ModelRunner:
             bar.update()
         for r in rows:
             for penalties in (False, True):
-                logits = jax.ShapeDtypeStruct((self.dp * r, self.graphdef_vocab()), jnp.float32)
+                logits = jax.ShapeDtypeStruct((self.dp * r, self.vocab_size), jnp.float32)
                 others = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._sampler_inputs(r, penalties))
                 args = (logits, *others)
                 sampler = jax.jit(sample, in_shardings=(self._rows,) * len(args), out_shardings=self._replicated)
@@ -224,9 +225,6 @@ class ModelRunner:
         if penalties:
             args += (np.zeros((r, self.max_model_len), np.int32), np.zeros(r, np.int32))
         return args
-
-    def graphdef_vocab(self) -> int:
-        return nnx.merge(self.graphdef, self.params).config.vocab_size
 
     # ---- one step ------------------------------------------------------------------
 
