@@ -197,6 +197,7 @@ def engine_info(engine) -> dict:
         "num_step_graphs": len(runner.buckets()),
         "load_seconds": engine.load_seconds,
         "warmup_seconds": engine.warmup_seconds,
+        "warmup_report": runner.warmup_report,
     }
 
 

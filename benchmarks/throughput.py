@@ -183,7 +183,8 @@ def warmup_only(config, out: str | None = None) -> None:
     cache_empty = cache_is_empty(config)
     engine = build_engine(config)
     figures = {"warmup_seconds": engine.warmup_seconds, "load_seconds": engine.load_seconds,
-               "num_step_graphs": len(engine.runner.buckets()), "compilation_cache_empty_at_start": cache_empty}
+               "num_step_graphs": len(engine.runner.buckets()), "compilation_cache_empty_at_start": cache_empty,
+               "warmup_report": engine.runner.warmup_report}
     print(json.dumps(figures), flush=True)
     if out:
         write_json(out, {**environment(), "kind": "warmup", "model": config.model,

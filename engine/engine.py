@@ -14,6 +14,7 @@ engine and the others call `follow()`.
 """
 
 import atexit
+import dataclasses
 import logging
 import os
 import time
@@ -29,7 +30,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.params import CompletionOutput, Logprob, ParamError, RequestOutput, SamplingParams
 from engine.runner import ModelRunner, Sampled
 from engine.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS
-from engine.scheduler import SchedulerConfig
+from engine.scheduler import SchedulerConfig, StepPlan
 from engine.sequence import Sequence
 from engine.source import load_model_and_tokenizer
 from models import allocate_kv_cache, kv_cache_bytes_per_page
@@ -111,6 +112,7 @@ class LLMEngine:
         del self.kv_cache  # the runner owns (and donates) the only reference
         self.warmup_seconds = self.runner.warmup(progress=progress)
         self._requests: dict[str, _Request] = {}
+        self._inflight = None  # (plans, FusedCall): a fused decode call queued and not yet recorded
         if jax.process_count() > 1 and jax.process_index() == 0:
             atexit.register(self.shutdown)  # followers wait for the lead's word to stop
 
@@ -188,7 +190,8 @@ class LLMEngine:
             self.scheduler.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or any(not r.finished for r in self._requests.values())
+        return (self._inflight is not None or self.scheduler.has_unfinished()
+                or any(not r.finished for r in self._requests.values()))
 
     def stats(self) -> EngineStats:
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.scheduler.usage,
@@ -197,19 +200,30 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the requests that changed (cumulative outputs)."""
+        """Run one step; returns the requests that changed (cumulative outputs).
+
+        A fused decode call is queued on the device, then (while nothing could join) the
+        next one is queued behind it before the first one's tokens are read: the device
+        runs call N+1 while the host records call N (`_continue_fused`).
+        """
         if jax.process_index() != 0:
             raise RuntimeError(f"process {jax.process_index()} of a multi-host run only executes process 0's steps: "
                                "call follow() instead")
-        plans = self.scheduler.schedule()  # one per data shard
-        seqs = {s.seq_id: self._seq(s.seq_id) for plan in plans for s in plan.seqs}
-        fused = self._reserve_fused(plans, seqs)
-        if fused is not None:
-            plans, steps = fused, self.runner.run_fused(fused, seqs)
-        else:
-            steps = [self.runner.run(plans, seqs, self._suppressed(seqs)) if seqs else {}]
+        if self._inflight is None:
+            plans = self.scheduler.schedule()  # one per data shard
+            seqs = {s.seq_id: self._seq(s.seq_id) for plan in plans for s in plan.seqs}
+            fused = self._reserve_fused(plans, seqs)
+            if fused is None:
+                return self._record(plans, [self.runner.run(plans, seqs, self._suppressed(seqs)) if seqs else {}])
+            self._inflight = (fused, self.runner.dispatch_fused(fused, seqs))
+        plans, call = self._inflight
+        self._inflight = self._continue_fused(plans, call)
+        return self._record(plans, self.runner.collect(call))
+
+    def _record(self, plans, steps: list[dict[str, Sampled]]) -> list[RequestOutput]:
+        """Record the sampled tokens of one or more steps (a fused call gives several) and build outputs."""
         touched: dict[str, _Request] = {}
-        for sampled in steps:  # a fused call returns several steps; each is recorded as its own
+        for sampled in steps:
             changed = self.scheduler.update(plans, {k: v.token_id for k, v in sampled.items()})
             for seq in changed:
                 req = self._requests.get(seq.request_id)
@@ -227,13 +241,13 @@ class LLMEngine:
                 del self._requests[r.request_id]
         return outputs
 
-    def _reserve_fused(self, plans, seqs: dict[str, Sequence]):
+    def _reserve_fused(self, plans, seqs: dict[str, Sequence], ahead: int = 0):
         """Plans grown for `decode_steps` steps in one call, or None when a single step is due.
 
         Fusing pays when nothing could join meanwhile (no waiting sequence, or no free seat for
         one) and every sequence is decoding with at least that many tokens to go (so none ends
-        by length inside the call) and nothing that changes per step on the host (penalty
-        history, min_tokens suppression).
+        by length inside the call; `ahead` more when the call follows one not yet recorded)
+        and nothing that changes per step on the host (penalty history, min_tokens suppression).
         """
         k = self.runner.decode_steps
         if k < 2 or not seqs or self.scheduler.can_admit_waiting():
@@ -242,11 +256,37 @@ class LLMEngine:
             for s in plan.seqs:
                 seq = seqs[s.seq_id]
                 p = seq.params
-                if (len(s.token_ids) != 1 or not s.sample or p.uses_penalties
-                        or seq.num_output_tokens < p.min_tokens
-                        or p.max_tokens - seq.num_output_tokens < k or self.max_model_len - seq.num_tokens < k):
+                left = min(p.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - ahead
+                if len(s.token_ids) != 1 or not s.sample or p.uses_penalties or seq.num_output_tokens < p.min_tokens \
+                        or left < k:
                     return None
         return self.scheduler.reserve_ahead(plans, k)
+
+    def _continue_fused(self, plans, call):
+        """Queue the fused call that follows `call` (still in flight), or None to stop and schedule.
+
+        It carries the same sequences minus those already finished, each advanced by
+        `decode_steps` positions; the device feeds it `call`'s last tokens. A sequence that
+        finishes inside `call` (EOS, a stop) still runs in it, and its tokens are dropped
+        when recorded; its pages are freed only at the next schedule(), after both calls,
+        so the writes of a sequence that ended never land in another's pages. Stops on
+        anything a schedule() must see: a request that could join, an abort, a pool short of pages.
+        """
+        k = self.runner.decode_steps
+        nxt, seqs = [], {}
+        for plan in plans:
+            keep = []
+            for s in plan.seqs:
+                req = self._requests.get(self._request_of(s.seq_id))  # gone: all its sequences finished
+                seq = req.completions[int(s.seq_id.rsplit("-", 1)[1])].seq if req else None
+                if seq is not None and seq.finish_reason == "abort":
+                    return None
+                if seq is not None and seq.finish_reason is None:
+                    keep.append(dataclasses.replace(s, start_pos=s.start_pos + k))
+                    seqs[s.seq_id] = seq
+            nxt.append(StepPlan(tuple(keep), preempted=(), freed=()))
+        fused = self._reserve_fused(tuple(nxt), seqs, ahead=k)
+        return None if fused is None else (fused, self.runner.dispatch_fused(fused, seqs, after=call))
 
     def _seq(self, seq_id: str) -> Sequence:
         return self._requests[self._request_of(seq_id)].completions[int(seq_id.rsplit("-", 1)[1])].seq

@@ -10,6 +10,10 @@ Packed int32 layout of one step (offsets are static per bucket), one row per dat
 
     [ tokens T | positions T | slots T | token_seq T | block_tables B*P | seq_lens B | qsl B+1 | logit_rows B ]
 
+A fused decode call appends [ src T ]: token i's input is the last token the previous
+fused call sampled in row src[i] (when src[i] >= 0), which lets the host queue call
+N+1 before it has read call N's tokens (engine.LLMEngine pipelines decode this way).
+
 NOTE: on a ("data", "model") mesh every array has a fixed sharding, given to the
 compiled steps as explicit in/out shardings, so nothing moves or recompiles
 between steps: params and the KV cache as `sharding.rules` places them, the
@@ -23,7 +27,9 @@ broadcasts its host inputs; the others execute the same step with them (`follow`
 """
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -51,6 +57,16 @@ class Bucket:
 
 
 @dataclass
+class FusedCall:
+    """A fused decode call queued on the device, not yet read back."""
+
+    bucket: Bucket
+    scheduled: list[tuple[int, object]]  # (sampler row, ScheduledSeq)
+    out: object  # SampleOutput of device arrays, (steps, dp * B, ...)
+    want_top: bool  # some sequence asked for logprobs
+
+
+@dataclass
 class Sampled:
     """What one sequence got from a step."""
 
@@ -70,6 +86,7 @@ def _powers(base: int, lo: int, hi: int) -> list[int]:
 
 
 _STOP, _STEP = 0, 1  # commands the lead broadcasts to followers
+COMPILE_THREADS = min(8, os.cpu_count() or 1)  # graphs XLA compiles at once during warm-up
 
 
 class ModelRunner:
@@ -110,6 +127,8 @@ class ModelRunner:
         # Fused decode (several steps a call) pays when the host is slower than a step; not across processes.
         self.decode_steps = 1 if self._multihost else decode_steps
         self._fused: dict[Bucket, object] = {}  # compiled fused decode steps, for buckets a decode plan uses
+        self.warmup_report: dict = {}  # what warm-up compiled and where its time went
+        self._no_prev: dict[int, jax.Array] = {}  # rows -> `prev` of a fused call that follows none
 
     # ---- compilation ---------------------------------------------------------------
 
@@ -121,16 +140,16 @@ class ModelRunner:
         largest = next(t for t in self.token_buckets if t >= min(self.max_num_seqs, self.token_buckets[-1]))
         return [bk for bk in self.buckets() if bk.tokens <= largest]
 
-    def _unpack(self, packed, bucket: Bucket):
-        """(dp, L) packed rows -> flat tokens and metadata over all shards, and the logit rows."""
+    def _unpack(self, packed, bucket: Bucket, fused: bool = False):
+        """(dp, L) packed rows -> flat tokens and metadata over all shards, the logit rows (and src)."""
         t, b, p = bucket.tokens, bucket.rows, bucket.pages
         dp = packed.shape[0]  # packed: (dp, L), one row per data shard
-        sizes = [t, t, t, t, b * p, b, b + 1, b]
+        sizes = [t, t, t, t, b * p, b, b + 1, b] + ([t] if fused else [])
         fields = jnp.split(packed, np.cumsum(sizes)[:-1], axis=1)
-        tokens, positions, slots, token_seq, tables, seq_lens, qsl, rows = (f.reshape(-1) for f in fields)
+        tokens, positions, slots, token_seq, tables, seq_lens, qsl, rows, *src = (f.reshape(-1) for f in fields)
         meta = AttentionMetadata(positions=positions, slot_mapping=slots, token_seq=token_seq,
                                  block_tables=tables.reshape(dp * b, p), seq_lens=seq_lens, query_start_loc=qsl)
-        return tokens, meta, rows
+        return (tokens, meta, rows, *src)
 
     def _logits(self, model, hidden, rows, bucket: Bucket):
         """(dp * B, V) float32 logits of each row's last token."""
@@ -144,14 +163,16 @@ class ModelRunner:
         hidden, kv_cache = model(tokens, kv_cache, meta)  # (dp * T, E)
         return self._logits(model, hidden, rows, bucket), kv_cache
 
-    def _fused_fn(self, params, kv_cache, packed, tensors, bucket: Bucket, steps: int):
+    def _fused_fn(self, params, kv_cache, packed, tensors, prev, bucket: Bucket, steps: int):
         """`steps` decode steps in one call: each row's sampled token is the next step's input.
 
         Only for plans of decodes (token i of shard d is row i), with pages already held
-        for every position the steps reach. Returns (steps, dp * B) token ids and logprobs,
-        (steps, dp * B, K) top logprobs, and the cache.
+        for every position the steps reach. `prev` is the token ids of the previous fused
+        call (steps, dp * B), read where the packed src field says. Returns (steps, dp * B)
+        token ids and logprobs, (steps, dp * B, K) top logprobs, and the cache.
         """
-        tokens, meta, rows = self._unpack(packed, bucket)
+        tokens, meta, rows, src = self._unpack(packed, bucket, fused=True)
+        tokens = jnp.where(src >= 0, prev[-1][jnp.maximum(src, 0)], tokens)
         model = nnx.merge(self.graphdef, params)
         t, b, ps = bucket.tokens, bucket.rows, self.page_size
         shard_row = meta.token_seq + (jnp.arange(tokens.shape[0]) // t) * b  # row of each token, over shards
@@ -176,47 +197,59 @@ class ModelRunner:
         kv_cache, _, out = jax.lax.fori_loop(0, steps, one, (kv_cache, tokens, out))
         return out, kv_cache
 
-    def _packed_len(self, bucket: Bucket) -> int:
-        return 4 * bucket.tokens + bucket.rows * bucket.pages + 3 * bucket.rows + 1
+    def _packed_len(self, bucket: Bucket, fused: bool = False) -> int:
+        return (5 if fused else 4) * bucket.tokens + bucket.rows * bucket.pages + 3 * bucket.rows + 1
 
     def warmup(self, progress: bool = True) -> float:
-        """Compile every bucket (and the samplers for every row count). Returns seconds spent."""
+        """Compile every bucket (and the samplers for every row count). Returns seconds spent.
+
+        Tracing and lowering run one graph at a time (Python); XLA compiles them side by side
+        in COMPILE_THREADS threads (it releases the GIL). `warmup_report` says where the time went.
+        """
         start = time.perf_counter()
-        todo = self.buckets()
-        rows = sorted({bk.rows for bk in todo})
-        fused = self.decode_buckets() if self.decode_steps > 1 else []
-        bar = tqdm(total=len(todo) + 2 * len(rows) + len(fused), desc="compiling", disable=not progress, unit="graph")
+        jobs = []  # (table, key, lowered)
         step = jax.jit(self._step_fn, static_argnums=(3,), donate_argnums=(1,),
                        in_shardings=(self._param_shardings, self._cache_shardings, self._rows),
                        out_shardings=(self._rows, self._cache_shardings))
-        for bucket in todo:
+        for bucket in self.buckets():
             packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket)), jnp.int32)
-            self._steps[bucket] = step.lower(self.params, self.kv_cache, packed, bucket).compile()
-            bar.update()
-        for r in rows:
+            jobs.append((self._steps, bucket, step.lower(self.params, self.kv_cache, packed, bucket)))
+        for r in sorted({bk.rows for bk in self.buckets()}):
             for penalties in (False, True):
                 logits = jax.ShapeDtypeStruct((self.dp * r, self.vocab_size), jnp.float32)
                 others = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._sampler_inputs(r, penalties))
                 args = (logits, *others)
                 sampler = jax.jit(sample, in_shardings=(self._rows,) * len(args), out_shardings=self._replicated)
-                self._samplers[(r, penalties)] = sampler.lower(*args).compile()
-                bar.update()
-        fused_step = jax.jit(self._fused_fn, static_argnums=(4, 5), donate_argnums=(1,),
-                             in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._rows),
+                jobs.append((self._samplers, (r, penalties), sampler.lower(*args)))
+        fused_step = jax.jit(self._fused_fn, static_argnums=(5, 6), donate_argnums=(1,),
+                             in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._rows,
+                                           self._replicated),
                              out_shardings=(self._replicated, self._cache_shardings))
-        for bucket in fused:
-            packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket)), jnp.int32)
+        for bucket in self.decode_buckets() if self.decode_steps > 1 else []:
+            packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket, fused=True)), jnp.int32)
             tensors = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._sampler_inputs(bucket.rows, False)[0])
-            self._fused[bucket] = fused_step.lower(self.params, self.kv_cache, packed, tensors, bucket,
-                                                   self.decode_steps).compile()
-            bar.update()
+            self._no_prev[bucket.rows] = jax.device_put(np.zeros((self.decode_steps, self.dp * bucket.rows), np.int32),
+                                                        self._replicated)
+            jobs.append((self._fused, bucket, fused_step.lower(self.params, self.kv_cache, packed, tensors,
+                                                               self._no_prev[bucket.rows], bucket, self.decode_steps)))
+        lowered_at = time.perf_counter()
+        with tqdm(total=len(jobs), desc="compiling", disable=not progress, unit="graph") as bar:
+            def compile_one(job):
+                table, key, lowered = job
+                table[key] = lowered.compile()
+                bar.update()
+            with ThreadPoolExecutor(max(1, min(COMPILE_THREADS, len(jobs)))) as pool:
+                list(pool.map(compile_one, jobs))  # list(): re-raises the first failure
         if self._multihost:  # compile the broadcasts of every step's inputs too
-            for bucket in todo:
+            for bucket in self.buckets():
                 for penalties in (False, True):
                     broadcast_one_to_all(self._header(_STEP, bucket, penalties))
                     broadcast_one_to_all(self._payload(bucket, penalties))
-        bar.close()
-        return time.perf_counter() - start
+        end = time.perf_counter()
+        self.warmup_report = {"graphs": len(jobs), "step_graphs": len(self._steps) + len(self._fused),
+                              "trace_and_lower_s": lowered_at - start, "compile_s": end - lowered_at,
+                              "compile_threads": min(COMPILE_THREADS, len(jobs))}
+        return end - start
 
     def _sampler_inputs(self, rows: int, penalties: bool) -> tuple:
         """Neutral host inputs of the sampler but the logits, `rows` a shard: (tensors[, history, num_prompt])."""
@@ -237,7 +270,8 @@ class ModelRunner:
             raise RuntimeError(f"step of {n_tok} tokens / {n_pages} pages exceeds every bucket")
         return Bucket(t, min(t, self.max_num_seqs) + 1, p)
 
-    def _pack(self, plan: StepPlan, bucket: Bucket) -> np.ndarray:
+    def _pack(self, plan: StepPlan, bucket: Bucket, src: np.ndarray | None = None) -> np.ndarray:
+        """The packed host inputs of one shard's plan (with a fused call's src field when given)."""
         t, b, p, ps = bucket.tokens, bucket.rows, bucket.pages, self.page_size
         tokens = np.zeros(t, np.int32)
         positions = np.zeros(t, np.int32)
@@ -262,7 +296,8 @@ class ModelRunner:
             at += n
             qsl[i + 1] = at
         qsl[len(plan.seqs) + 1:] = at
-        return np.concatenate([tokens, positions, slots, token_seq, tables.ravel(), seq_lens, qsl, rows])
+        return np.concatenate([tokens, positions, slots, token_seq, tables.ravel(), seq_lens, qsl, rows]
+                              + ([] if src is None else [src]))
 
     def run(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence],
             suppress: dict[str, list[int]]) -> dict[str, Sampled]:
@@ -300,12 +335,12 @@ class ModelRunner:
             packed, tensors, extras = broadcast_one_to_all((packed, _host(tensors), extras))
         out = self._execute(bucket, packed, tensors, extras)
 
-        return self._results(scheduled, seqs, out)
+        return self._results(scheduled, out, _want_top(scheduled, seqs))
 
     @staticmethod
-    def _results(scheduled, seqs: dict[str, Sequence], out) -> dict[str, Sampled]:
-        """Read one step's sampler output back for every chunk that sampled."""
-        want_top = any(s.sample and seqs[s.seq_id].params.logprobs for _, s in scheduled)
+    def _results(scheduled, out, want_top: bool) -> dict[str, Sampled]:
+        """Read one step's sampler output back for every chunk that sampled (with the top
+        logprobs when some sequence asked for logprobs)."""
         token_ids, logprobs = _host(out.token_ids), _host(out.logprobs)
         top_ids = _host(out.top_ids) if want_top else None
         top_lps = _host(out.top_logprobs) if want_top else None
@@ -315,20 +350,40 @@ class ModelRunner:
             for r, s in scheduled if s.sample
         }
 
-    def run_fused(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence]) -> list[dict[str, Sampled]]:
-        """`decode_steps` decode steps in one call, for plans of decodes whose sequences hold pages
-        for every position reached (Scheduler.reserve_ahead). One result dict per step."""
+    def dispatch_fused(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence],
+                       after: "FusedCall | None" = None) -> "FusedCall":
+        """Queue `decode_steps` decode steps in one call, for plans of decodes whose sequences hold
+        pages for every position reached (Scheduler.reserve_ahead); returns without waiting.
+
+        With `after`, a call not yet collected, each sequence continues from the last token
+        `after` samples for it: its plan's start_pos is already advanced past `after`'s steps,
+        its token is read on the device, and its step count includes `after`'s tokens.
+        """
+        k = self.decode_steps
         bucket = self._bucket_for(plans)
-        packed = np.stack([self._pack(plan, bucket) for plan in plans])  # (dp, L)
+        if after is not None:  # the same rows, so `after`'s token ids index like this call's
+            bucket = Bucket(after.bucket.tokens, after.bucket.rows, bucket.pages)
+        prev_row = {} if after is None else {s.seq_id: r for r, s in after.scheduled}
+        packs = []
+        for plan in plans:
+            src = np.full(bucket.tokens, -1, np.int32)
+            src[:len(plan.seqs)] = [prev_row.get(s.seq_id, -1) for s in plan.seqs]
+            packs.append(self._pack(plan, bucket, src))
         scheduled = [(d * bucket.rows + i, s) for d, plan in enumerate(plans) for i, s in enumerate(plan.seqs)]
         row_params: list[RowParams | None] = [None] * (self.dp * bucket.rows)
         for r, s in scheduled:
             seq = seqs[s.seq_id]
-            row_params[r] = RowParams(seq.params, seq.seed, seq.num_output_tokens)
+            row_params[r] = RowParams(seq.params, seq.seed, seq.num_output_tokens + (k if s.seq_id in prev_row else 0))
         tensors = SamplingTensors.build(row_params, len(row_params), device=self._rows)
-        out, self.kv_cache = self._fused[bucket](self.params, self.kv_cache, self._put(packed), tensors)
-        out = _host(out)  # one read of every step's results; slicing numpy compiles nothing
-        return [self._results(scheduled, seqs, jax.tree.map(lambda x: x[k], out)) for k in range(self.decode_steps)]
+        prev = self._no_prev[bucket.rows] if after is None else after.out.token_ids
+        out, self.kv_cache = self._fused[bucket](self.params, self.kv_cache, self._put(np.stack(packs)), tensors, prev)
+        return FusedCall(bucket, scheduled, out, _want_top(scheduled, seqs))
+
+    def collect(self, call: "FusedCall") -> list[dict[str, Sampled]]:
+        """Wait for a fused call; one result dict per step."""
+        out = _host(call.out)  # one read of every step's results; slicing numpy compiles nothing
+        return [self._results(call.scheduled, jax.tree.map(lambda x: x[k], out), call.want_top)
+                for k in range(self.decode_steps)]
 
     def _execute(self, bucket: Bucket, packed, tensors, extras: tuple):
         """The compiled step, then the sampler; every process runs this with the same inputs."""
@@ -368,6 +423,10 @@ class ModelRunner:
         if self._multihost and jax.process_index() == 0 and not self._followers_stopped:
             self._followers_stopped = True
             broadcast_one_to_all(self._header(_STOP, self.buckets()[0], False))
+
+
+def _want_top(scheduled, seqs: dict[str, Sequence]) -> bool:
+    return any(s.sample and seqs[s.seq_id].params.logprobs for _, s in scheduled)
 
 
 def _host(tree):

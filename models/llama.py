@@ -5,6 +5,7 @@ The call is pure: token ids, the KV cache and the attention metadata go in; hidd
 states and the updated cache come out. `logits()` projects the rows the runner picked.
 """
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -36,6 +37,14 @@ class DecoderLayer(nnx.Module):
         return x, k_pages, v_pages
 
 
+@functools.partial(jax.jit, static_argnums=(0, 7, 8))
+def _run_layer(graphdef, state, x, k_pages, v_pages, meta, inv_freq, backend, mesh):
+    """One decoder layer as a nested jit: the layers share one graphdef and their inputs' shapes,
+    so a step traces and lowers the layer once, not once per layer (XLA still inlines every
+    call and fuses as before). This keeps warm-up time from growing with the depth in Python."""
+    return nnx.merge(graphdef, state)(x, k_pages, v_pages, meta, inv_freq, backend, mesh)
+
+
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
         self.config = cfg
@@ -55,9 +64,10 @@ class LlamaForCausalLM(nnx.Module):
     ) -> tuple[Float[Array, "T E"], KVCache]:
         x = self.embed[...][tokens]
         new_cache = []
-        for i, layer in enumerate(self.layers):
-            with jax.named_scope(f"layer{i}"):
-                x, k_pages, v_pages = layer(x, *kv_cache[i], meta, self.inv_freq[...], self.attention_backend, self.mesh)
+        for layer, (k_pages, v_pages) in zip(self.layers, kv_cache, strict=True):
+            graphdef, state = nnx.split(layer)
+            x, k_pages, v_pages = _run_layer(graphdef, state, x, k_pages, v_pages, meta, self.inv_freq[...],
+                                             self.attention_backend, self.mesh)
             new_cache.append((k_pages, v_pages))
         return self.norm(x), new_cache
 

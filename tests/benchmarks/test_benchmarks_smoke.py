@@ -256,3 +256,23 @@ def test_model_suite_then_summarize(tmp_path, ceilings_file):
     assert later["llama3_8b_batch1_tok_s"]["value"] == 123.0
     assert later["llama3_8b_offline_1000x1024x1024_out_tok_s"] == offline
     assert summarize.plot(results, tmp_path / "plot.png") and (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_profile_sums_kernels_by_kind(tmp_path):
+    from benchmarks import profile_step
+
+    kernels = {"paged_attention_r16_k64_s1": {"ms": 4.0, "count": 64}, "nvjet_sm90_tst_128x192": {"ms": 3.0, "count": 128},
+               "input_scatter_fusion_65": {"ms": 1.0, "count": 64}, "loop_add_fusion_3": {"ms": 0.5, "count": 126}}
+    s = profile_step.summarize(kernels, wall_ms=10.0, steps=2)
+    assert s["device_busy_ms_per_step"] == pytest.approx(4.25) and s["idle_ms_per_step"] == pytest.approx(0.75)
+    assert s["by_kind_ms_per_step"] == {"attention": 2.0, "gemm": 1.5, "kv_write": 0.5, "other": 0.25}
+    assert s["top_kernels"][0] == {"name": "paged_attention_r16_k64_s1", "kind": "attention", "ms_per_step": 2.0,
+                                   "calls_per_step": 32.0}
+    # The CLI end to end (a CPU trace has no GPU kernels: only the structure is checked).
+    out = tmp_path / "profile.json"
+    run_module("benchmarks.profile_step", *ENGINE, "--batch", "2", "--context", "24", "--prefill", "40",
+               "--steps", "2", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [p["workload"] for p in result["profiles"]] == ["decode, batch 2, context ~24",
+                                                            "one prompt of 40 tokens, first token (TTFT)"]
+    assert result["profiles"][0]["steps"] == 2  # CPU: one decode step per engine step

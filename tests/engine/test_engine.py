@@ -129,8 +129,8 @@ def test_fused_decode_matches_hf_and_compiles_nothing():
     cases, n = golden["cases"], golden["max_new_tokens"]
     llm = _tiny_llm(folder, decode_steps=4)
     calls = []
-    run_fused = llm.engine.runner.run_fused
-    llm.engine.runner.run_fused = lambda *a: calls.append(1) or run_fused(*a)
+    dispatch_fused = llm.engine.runner.dispatch_fused
+    llm.engine.runner.dispatch_fused = lambda *a, **kw: calls.append(1) or dispatch_fused(*a, **kw)
     with recorded_compiles() as compiles:
         outs = llm.generate([c["prompt_ids"] for c in cases], greedy(n), use_tqdm=False)
         seeded = [llm.generate([c["prompt_ids"] for c in cases], SamplingParams(temperature=1.0, seed=5, max_tokens=n),
@@ -143,3 +143,49 @@ def test_fused_decode_matches_hf_and_compiles_nothing():
                             use_tqdm=False)
     for o in seeded:
         assert [x.outputs[0].token_ids for x in o] == [x.outputs[0].token_ids for x in again]
+
+
+def test_pipelined_decode_matches_single_steps():
+    """Fused decode calls queued behind one another (call N+1 dispatched before N's tokens are
+    read) give the tokens of plain single steps, when sequences end inside a call (stop tokens
+    at different positions), one is aborted mid-run and one samples with a seed; no pages are
+    lost and nothing compiles."""
+    folder = GOLDEN / "tiny" / "llama3"
+    cases = json.loads((folder / "greedy.json").read_text())["cases"]
+    stops = [cases[0]["new_ids"][5], cases[1]["new_ids"][10], cases[2]["new_ids"][15]]  # first occurrences
+    params = [SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[t], ignore_eos=True) for t in stops]
+    params.append(SamplingParams(temperature=1.0, seed=7, max_tokens=23, ignore_eos=True))
+
+    def run(decode_steps: int):
+        engine = LLMEngine(EngineConfig(model=str(folder), tokenizer=str(default_model_path()), dtype="float32",
+                                        num_pages=64, max_model_len=64, decode_steps=decode_steps,
+                                        **{**SMALL, "max_num_seqs": 5}), progress=False)
+        queued = []
+        dispatch = engine.runner.dispatch_fused
+        engine.runner.dispatch_fused = lambda plans, seqs, after=None: queued.append(  # (rows before, rows now)
+            (after and len(after.scheduled), sum(len(p.seqs) for p in plans))) or dispatch(plans, seqs, after)
+        for i, (c, p) in enumerate(zip(cases, params)):
+            engine.add_request(f"r{i}", c["prompt_ids"], p)
+        engine.add_request("victim", cases[0]["prompt_ids"], greedy(24))
+        finished, step = {}, 0
+        with recorded_compiles() as compiles:
+            while engine.has_unfinished_requests():
+                if step == 9:
+                    engine.abort_request("victim")
+                finished |= {o.request_id: o.outputs[0] for o in engine.step() if o.finished}
+                step += 1
+        engine.step()
+        engine.allocator.check_invariant([])
+        assert engine.allocator.num_free_pages == engine.allocator.num_usable_pages
+        assert compiles == []
+        return finished, queued
+
+    pipelined, queued = run(decode_steps=2)
+    single, _ = run(decode_steps=1)
+    assert sum(1 for before, _ in queued if before) >= 3, f"too few calls were queued behind another: {queued}"
+    assert any(before and now < before for before, now in queued), "no queued call dropped a finished sequence"
+    assert pipelined["victim"].finish_reason == "abort"
+    for i in range(4):
+        got, want = pipelined[f"r{i}"], single[f"r{i}"]
+        assert (got.token_ids, got.finish_reason, got.stop_reason) == (want.token_ids, want.finish_reason, want.stop_reason)
+    assert [len(single[f"r{i}"].token_ids) for i in range(4)] == [6, 11, 16, 23]

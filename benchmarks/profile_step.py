@@ -1,0 +1,158 @@
+"""Where a step's time goes: device kernels per step, by kind, from a jax.profiler trace.
+
+    python -m benchmarks.profile_step --model llama-3.1-8b [engine flags as for pagedjax serve] \\
+        --batch 1 --batch 192 --prefill 1024 --out profile.json [--trace-dir DIR]
+
+For each workload the engine is first brought to the state being measured (untraced),
+then a few engine steps run under `jax.profiler.trace`:
+
+* `--batch B`: B random prompts of `--context` tokens, all decoding; the steps traced are
+  decode steps (fused calls of `decode_steps` tokens where the engine fuses);
+* `--prefill L`: one prompt of L tokens on an idle engine and its first token (the TTFT step).
+
+The trace's GPU kernels are summed by name and sorted into kinds (attention = our Pallas
+kernels, gemm, KV write (scatter), sampling (sort/top-k/argmax), other fusions), and set
+beside the host's wall time of the same steps: wall - device busy is time the GPU sat idle
+waiting for the host or for launches. Results go to `--out` as JSON and to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import re
+import tempfile
+import time
+
+from benchmarks.common import (add_engine_args, build_engine, engine_config, engine_info, environment,
+                               random_prompts, write_json)
+from engine.params import SamplingParams
+
+KINDS = (  # first match wins; names are GPU kernel names (Pallas kernels carry their own)
+    ("attention", re.compile(r"paged_attention|flash|fmha|cudnn", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|xmma|cublas|matmul|sm90_|sm80_|dot", re.I)),
+    ("kv_write", re.compile(r"scatter|dynamic.update.slice", re.I)),
+    ("sampling", re.compile(r"sort|top_?k|argmax|reduce|gumbel|threefry|random", re.I)),
+    ("copy", re.compile(r"memcpy|memset|copy", re.I)),
+)
+
+
+def kind_of(name: str) -> str:
+    return next((k for k, pattern in KINDS if pattern.search(name)), "other")
+
+
+def device_kernels(trace_dir: str) -> dict[str, dict]:
+    """Kernel name -> {ms, count} over every GPU plane of the trace written to `trace_dir`."""
+    from jax.profiler import ProfileData
+
+    totals: dict[str, dict] = collections.defaultdict(lambda: {"ms": 0.0, "count": 0})
+    for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
+        for plane in ProfileData.from_file(path).planes:
+            if not plane.name.startswith("/device:GPU"):
+                continue
+            lines = [ln for ln in plane.lines if ln.name.startswith("Stream")] or list(plane.lines)
+            for line in lines:
+                for ev in line.events:
+                    t = totals[ev.name]
+                    t["ms"] += ev.duration_ns / 1e6
+                    t["count"] += 1
+    return dict(totals)
+
+
+def summarize(kernels: dict[str, dict], wall_ms: float, steps: int) -> dict:
+    """Per-step figures: device busy time by kind, the idle rest of the wall time, the top kernels."""
+    by_kind = collections.Counter()
+    for name, t in kernels.items():
+        by_kind[kind_of(name)] += t["ms"]
+    busy = sum(by_kind.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1]["ms"])[:30]
+    return {
+        "steps": steps,
+        "wall_ms_per_step": wall_ms / steps,
+        "device_busy_ms_per_step": busy / steps,
+        "idle_ms_per_step": (wall_ms - busy) / steps,
+        "by_kind_ms_per_step": {k: v / steps for k, v in by_kind.most_common()},
+        "top_kernels": [{"name": n[:160], "kind": kind_of(n), "ms_per_step": t["ms"] / steps,
+                         "calls_per_step": t["count"] / steps} for n, t in top],
+    }
+
+
+def traced(engine, trace_dir: str, num_steps: int) -> tuple[float, int]:
+    """Run `num_steps` engine steps under the profiler; (wall ms, decode steps they made)."""
+    import jax
+
+    seq = engine.scheduler.shards[0].running[0]  # every sequence decodes in every step
+    before = seq.num_output_tokens
+    with jax.profiler.trace(trace_dir):
+        t0 = time.perf_counter()
+        for _ in range(num_steps):
+            engine.step()
+        wall = (time.perf_counter() - t0) * 1e3
+    return wall, seq.num_output_tokens - before
+
+
+def profile_decode(engine, batch: int, context: int, trace_dir: str, num_steps: int) -> dict:
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=1.0, max_tokens=engine.max_model_len - context, ignore_eos=True)
+    ids = [engine.add_request(None, p, params) for p in random_prompts(batch, context, vocab, seed=batch)]
+    while engine.scheduler.num_waiting or any(s.num_computed_tokens < s.num_prompt_tokens
+                                              for sh in engine.scheduler.shards for s in sh.running):
+        engine.step()
+    for _ in range(2):  # untraced: the fused graphs run once before the trace
+        engine.step()
+    wall, steps = traced(engine, trace_dir, num_steps)
+    for rid in ids:
+        engine.abort_request(rid)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"workload": f"decode, batch {batch}, context ~{context}", **summarize(device_kernels(trace_dir), wall, steps)}
+
+
+def profile_prefill(engine, length: int, trace_dir: str) -> dict:
+    import jax
+
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=1.0, max_tokens=1, ignore_eos=True)
+    for seed in (1, 2):  # untraced, then traced
+        engine.add_request(None, random_prompts(1, length, vocab, seed=seed)[0], params)
+        ctx = jax.profiler.trace(trace_dir) if seed == 2 else None
+        t0 = time.perf_counter()
+        if ctx:
+            ctx.__enter__()
+        steps = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        if ctx:
+            ctx.__exit__(None, None, None)
+        wall = (time.perf_counter() - t0) * 1e3
+    return {"workload": f"one prompt of {length} tokens, first token (TTFT)",
+            **summarize(device_kernels(trace_dir), wall, steps)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_args(p)
+    p.add_argument("--batch", type=int, action="append", default=[], help="decode batch size to profile (repeatable)")
+    p.add_argument("--context", type=int, default=1024, help="prompt length of the decode workloads")
+    p.add_argument("--prefill", type=int, action="append", default=[], help="prompt length of a TTFT step (repeatable)")
+    p.add_argument("--steps", type=int, default=4, help="engine steps traced per decode workload")
+    p.add_argument("--trace-dir", help="keep the traces here (default: a temporary folder)")
+    p.add_argument("--out")
+    args = p.parse_args()
+    engine = build_engine(engine_config(args))
+    root = args.trace_dir or tempfile.mkdtemp(prefix="pagedjax-trace-")
+    results = []
+    for b in args.batch:
+        results.append(profile_decode(engine, b, args.context, f"{root}/decode{b}", args.steps))
+        print(results[-1], flush=True)
+    for n in args.prefill:
+        results.append(profile_prefill(engine, n, f"{root}/prefill{n}"))
+        print(results[-1], flush=True)
+    if args.out:
+        write_json(args.out, {**environment(), "kind": "profile", "engine": engine_info(engine), "profiles": results})
+
+
+if __name__ == "__main__":
+    main()
