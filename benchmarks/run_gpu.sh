@@ -15,6 +15,9 @@
 #              all at once, at most 32 in flight (needs the .whl wheels: starlette, uvicorn)
 #   attention  benchmarks/attention.py (not in the default list)
 #
+# BUDGET_8B / BUDGET_1B (seconds, default 75 / 60) bound the offline runs: N is lowered from 1000
+# to what fits. Give 280 / 150 (one stage per call) for the full 1000 prompts.
+#
 # Each stage runs under a time cap and inside the run's deadline (BENCH_BUDGET_S, default 570 s);
 # a stage that fails or runs out of time is recorded and the next one still runs; a stage
 # that no longer fits is skipped and recorded, to be run in a later call by name.
@@ -77,7 +80,7 @@ engine8b=(--model $m8 "${common[@]}" --max-num-seqs 192 --token-buckets 16,64,19
 engine1b=(--model $m1 "${common[@]}" --max-num-seqs 256 --token-buckets 16,64,256,1024,2048)
 workloads=(--case 1x128x256 --ttft-input-len 1024 --repeats 3 --ttft-repeats 3
            --num-prompts 1000 --input-len 1024 --output-len 1024)
-budget8b=75 budget1b=60
+budget8b=${BUDGET_8B:-75} budget1b=${BUDGET_1B:-60}  # seconds the offline run may take (N fitted to it)
 peer8b=(--batch1 128x128 --ttft-input-len 1024 --cb 32x1024x128 --repeats 2)
 peer1b=(--batch1 128x128 --ttft-input-len 1024 --cb 64x1024x128 --repeats 2)
 served=(--num-prompts 200 --input-len 1024 --output-len 128 --max-concurrency 32)
@@ -132,13 +135,13 @@ for s in "${stages[@]}"; do
     roofline)
       stage roofline 90 20 $py -m benchmarks.roofline --models "$m1,$m8" --out "$roofline" ;;
     llama8b)
-      stage llama8b 330 120 $py -m benchmarks.model_suite "${engine8b[@]}" "${workloads[@]}" \
+      stage llama8b $(( budget8b + 255 )) 120 $py -m benchmarks.model_suite "${engine8b[@]}" "${workloads[@]}" \
         --max-seconds $budget8b $(ceilings) --out "$work/results/llama8b.json" ;;
     warmup8b)
       stage warmup8b 120 40 $py -m benchmarks.throughput --warmup-only "${engine8b[@]}" \
         --out "$work/results/warmup8b.json" ;;
     llama1b)
-      stage llama1b 330 90 $py -m benchmarks.model_suite "${engine1b[@]}" "${workloads[@]}" \
+      stage llama1b $(( budget1b + 270 )) 90 $py -m benchmarks.model_suite "${engine1b[@]}" "${workloads[@]}" \
         --max-seconds $budget1b $(ceilings) --out "$work/results/llama1b.json" ;;
     peer8b)
       stage peer8b 150 60 $peer_py -m benchmarks.peer_hf --model $m8 "${peer8b[@]}" --out "$work/results/peer8b.json" ;;

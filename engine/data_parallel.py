@@ -94,7 +94,7 @@ class DataParallelScheduler:
     def update(self, plans: tuple[StepPlan, ...], sampled: dict[str, int]) -> list[Sequence]:
         return [seq for shard, plan in zip(self.shards, plans) for seq in shard.update(plan, sampled)]
 
-    def reserve_ahead(self, plans: tuple[StepPlan, ...], steps: int) -> tuple[StepPlan, ...] | None:
+    def reserve_ahead(self, plans: tuple[StepPlan, ...], steps: dict[str, int]) -> tuple[StepPlan, ...] | None:
         """Scheduler.reserve_ahead on every shard; None if any shard is short of pages."""
         grown = tuple(shard.reserve_ahead(plan, steps) for shard, plan in zip(self.shards, plans))
         return None if any(g is None for g in grown) else grown

@@ -215,7 +215,8 @@ class LLMEngine:
             fused = self._reserve_fused(plans, seqs)
             if fused is None:
                 return self._record(plans, [self.runner.run(plans, seqs, self._suppressed(seqs)) if seqs else {}])
-            self._inflight = (fused, self.runner.dispatch_fused(fused, seqs))
+            plans, steps = fused
+            self._inflight = (plans, self.runner.dispatch_fused(plans, seqs, steps))
         plans, call = self._inflight
         self._inflight = self._continue_fused(plans, call)
         return self._record(plans, self.runner.collect(call))
@@ -242,35 +243,38 @@ class LLMEngine:
         return outputs
 
     def _reserve_fused(self, plans, seqs: dict[str, Sequence], ahead: int = 0):
-        """Plans grown for `decode_steps` steps in one call, or None when a single step is due.
+        """(plans grown for one fused call, steps per sequence), or None when a single step is due.
 
         Fusing pays when nothing could join meanwhile (no waiting sequence, or no free seat for
-        one) and every sequence is decoding with at least that many tokens to go (so none ends
-        by length inside the call; `ahead` more when the call follows one not yet recorded)
-        and nothing that changes per step on the host (penalty history, min_tokens suppression).
+        one), every sequence is decoding, and nothing changes per step on the host (penalty
+        history, min_tokens suppression). A sequence that reaches its length inside the call
+        decodes only up to it (`ahead` tokens fewer when the call follows one not yet recorded).
         """
         k = self.runner.decode_steps
         if k < 2 or not seqs or self.scheduler.can_admit_waiting():
             return None
+        steps = {}
         for plan in plans:
             for s in plan.seqs:
                 seq = seqs[s.seq_id]
                 p = seq.params
-                left = min(p.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - ahead
-                if len(s.token_ids) != 1 or not s.sample or p.uses_penalties or seq.num_output_tokens < p.min_tokens \
-                        or left < k:
+                if len(s.token_ids) != 1 or not s.sample or p.uses_penalties or seq.num_output_tokens < p.min_tokens:
                     return None
-        return self.scheduler.reserve_ahead(plans, k)
+                left = min(p.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - ahead
+                steps[s.seq_id] = min(k, left)
+        grown = self.scheduler.reserve_ahead(plans, steps)
+        return None if grown is None else (grown, steps)
 
     def _continue_fused(self, plans, call):
         """Queue the fused call that follows `call` (still in flight), or None to stop and schedule.
 
-        It carries the same sequences minus those already finished, each advanced by
-        `decode_steps` positions; the device feeds it `call`'s last tokens. A sequence that
-        finishes inside `call` (EOS, a stop) still runs in it, and its tokens are dropped
-        when recorded; its pages are freed only at the next schedule(), after both calls,
-        so the writes of a sequence that ended never land in another's pages. Stops on
-        anything a schedule() must see: a request that could join, an abort, a pool short of pages.
+        It carries the same sequences minus those already finished and those `call` takes to
+        their length, each advanced by `decode_steps` positions; the device feeds it `call`'s
+        last tokens. A sequence that finishes inside `call` on a token (EOS, a stop) still
+        runs in it, and its tokens are dropped when recorded; its pages are freed only at the
+        next schedule(), after both calls, so the writes of a sequence that ended never land
+        in another's pages. Stops on anything a schedule() must see: a request that could
+        join, an abort, a pool short of pages.
         """
         k = self.runner.decode_steps
         nxt, seqs = [], {}
@@ -281,12 +285,18 @@ class LLMEngine:
                 seq = req.completions[int(s.seq_id.rsplit("-", 1)[1])].seq if req else None
                 if seq is not None and seq.finish_reason == "abort":
                     return None
-                if seq is not None and seq.finish_reason is None:
-                    keep.append(dataclasses.replace(s, start_pos=s.start_pos + k))
-                    seqs[s.seq_id] = seq
+                p = seq.params if seq is not None else None
+                if seq is None or seq.finish_reason is not None or min(
+                        p.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) <= k:
+                    continue
+                keep.append(dataclasses.replace(s, start_pos=s.start_pos + k))
+                seqs[s.seq_id] = seq
             nxt.append(StepPlan(tuple(keep), preempted=(), freed=()))
         fused = self._reserve_fused(tuple(nxt), seqs, ahead=k)
-        return None if fused is None else (fused, self.runner.dispatch_fused(fused, seqs, after=call))
+        if fused is None:
+            return None
+        grown, steps = fused
+        return grown, self.runner.dispatch_fused(grown, seqs, steps, after=call)
 
     def _seq(self, seq_id: str) -> Sequence:
         return self._requests[self._request_of(seq_id)].completions[int(seq_id.rsplit("-", 1)[1])].seq

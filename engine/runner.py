@@ -10,9 +10,10 @@ Packed int32 layout of one step (offsets are static per bucket), one row per dat
 
     [ tokens T | positions T | slots T | token_seq T | block_tables B*P | seq_lens B | qsl B+1 | logit_rows B ]
 
-A fused decode call appends [ src T ]: token i's input is the last token the previous
-fused call sampled in row src[i] (when src[i] >= 0), which lets the host queue call
-N+1 before it has read call N's tokens (engine.LLMEngine pipelines decode this way).
+A fused decode call appends [ src T | steps B ]: token i's input is the last token the
+previous fused call sampled in row src[i] (when src[i] >= 0), which lets the host queue
+call N+1 before it has read call N's tokens (engine.LLMEngine pipelines decode this way);
+row b decodes in the first steps[b] steps of the call and idles after (it reached its length).
 
 NOTE: on a ("data", "model") mesh every array has a fixed sharding, given to the
 compiled steps as explicit in/out shardings, so nothing moves or recompiles
@@ -144,7 +145,7 @@ class ModelRunner:
         """(dp, L) packed rows -> flat tokens and metadata over all shards, the logit rows (and src)."""
         t, b, p = bucket.tokens, bucket.rows, bucket.pages
         dp = packed.shape[0]  # packed: (dp, L), one row per data shard
-        sizes = [t, t, t, t, b * p, b, b + 1, b] + ([t] if fused else [])
+        sizes = [t, t, t, t, b * p, b, b + 1, b] + ([t, b] if fused else [])
         fields = jnp.split(packed, np.cumsum(sizes)[:-1], axis=1)
         tokens, positions, slots, token_seq, tables, seq_lens, qsl, rows, *src = (f.reshape(-1) for f in fields)
         meta = AttentionMetadata(positions=positions, slot_mapping=slots, token_seq=token_seq,
@@ -168,24 +169,28 @@ class ModelRunner:
 
         Only for plans of decodes (token i of shard d is row i), with pages already held
         for every position the steps reach. `prev` is the token ids of the previous fused
-        call (steps, dp * B), read where the packed src field says. Returns (steps, dp * B)
-        token ids and logprobs, (steps, dp * B, K) top logprobs, and the cache.
+        call (steps, dp * B), read where the packed src field says. A row past its own step
+        count computes on (its outputs are dropped) without advancing, writing to the trash
+        page. Returns (steps, dp * B) token ids and logprobs, (steps, dp * B, K) top
+        logprobs, and the cache.
         """
-        tokens, meta, rows, src = self._unpack(packed, bucket, fused=True)
+        tokens, meta, rows, src, row_steps = self._unpack(packed, bucket, fused=True)
         tokens = jnp.where(src >= 0, prev[-1][jnp.maximum(src, 0)], tokens)
         model = nnx.merge(self.graphdef, params)
         t, b, ps = bucket.tokens, bucket.rows, self.page_size
         shard_row = meta.token_seq + (jnp.arange(tokens.shape[0]) // t) * b  # row of each token, over shards
         real = meta.seq_lens[shard_row] > 0  # padding tokens keep writing to the trash page
+        trash = jnp.arange(tokens.shape[0]) % ps  # slots of page 0
 
         def one(k, carry):
             kv_cache, tokens, out = carry
+            active = real & (k < row_steps[shard_row])
             pos = meta.positions + k
-            page = jnp.take_along_axis(meta.block_tables[shard_row], (pos // ps)[:, None], axis=1)[:, 0]
+            page = jnp.take_along_axis(meta.block_tables[shard_row], (pos // ps)[:, None], axis=1, mode="clip")[:, 0]
             step_meta = meta.replace(
-                positions=jnp.where(real, pos, meta.positions),
-                slot_mapping=jnp.where(real, page * ps + pos % ps, meta.slot_mapping),
-                seq_lens=jnp.where(meta.seq_lens > 0, meta.seq_lens + k, 0),
+                positions=jnp.where(active, pos, meta.positions),
+                slot_mapping=jnp.where(active, page * ps + pos % ps, jnp.where(real, trash, meta.slot_mapping)),
+                seq_lens=jnp.where(meta.seq_lens > 0, meta.seq_lens + jnp.clip(row_steps - 1, 0, k), 0),
             )
             hidden, kv_cache = model(tokens, kv_cache, step_meta)
             sampled = sample(self._logits(model, hidden, rows, bucket), tensors.replace(step=tensors.step + k))
@@ -198,7 +203,7 @@ class ModelRunner:
         return out, kv_cache
 
     def _packed_len(self, bucket: Bucket, fused: bool = False) -> int:
-        return (5 if fused else 4) * bucket.tokens + bucket.rows * bucket.pages + 3 * bucket.rows + 1
+        return (5 if fused else 4) * bucket.tokens + bucket.rows * bucket.pages + (4 if fused else 3) * bucket.rows + 1
 
     def warmup(self, progress: bool = True) -> float:
         """Compile every bucket (and the samplers for every row count). Returns seconds spent.
@@ -270,8 +275,8 @@ class ModelRunner:
             raise RuntimeError(f"step of {n_tok} tokens / {n_pages} pages exceeds every bucket")
         return Bucket(t, min(t, self.max_num_seqs) + 1, p)
 
-    def _pack(self, plan: StepPlan, bucket: Bucket, src: np.ndarray | None = None) -> np.ndarray:
-        """The packed host inputs of one shard's plan (with a fused call's src field when given)."""
+    def _pack(self, plan: StepPlan, bucket: Bucket, fused: tuple[np.ndarray, np.ndarray] = ()) -> np.ndarray:
+        """The packed host inputs of one shard's plan (and a fused call's src and steps fields)."""
         t, b, p, ps = bucket.tokens, bucket.rows, bucket.pages, self.page_size
         tokens = np.zeros(t, np.int32)
         positions = np.zeros(t, np.int32)
@@ -296,8 +301,7 @@ class ModelRunner:
             at += n
             qsl[i + 1] = at
         qsl[len(plan.seqs) + 1:] = at
-        return np.concatenate([tokens, positions, slots, token_seq, tables.ravel(), seq_lens, qsl, rows]
-                              + ([] if src is None else [src]))
+        return np.concatenate([tokens, positions, slots, token_seq, tables.ravel(), seq_lens, qsl, rows, *fused])
 
     def run(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence],
             suppress: dict[str, list[int]]) -> dict[str, Sampled]:
@@ -350,10 +354,11 @@ class ModelRunner:
             for r, s in scheduled if s.sample
         }
 
-    def dispatch_fused(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence],
+    def dispatch_fused(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence], steps: dict[str, int],
                        after: "FusedCall | None" = None) -> "FusedCall":
-        """Queue `decode_steps` decode steps in one call, for plans of decodes whose sequences hold
-        pages for every position reached (Scheduler.reserve_ahead); returns without waiting.
+        """Queue `decode_steps` decode steps in one call, for plans of decodes; sequence s decodes in
+        the first steps[s] of them (up to its length) and holds pages for every position it
+        reaches (Scheduler.reserve_ahead). Returns without waiting.
 
         With `after`, a call not yet collected, each sequence continues from the last token
         `after` samples for it: its plan's start_pos is already advanced past `after`'s steps,
@@ -368,7 +373,9 @@ class ModelRunner:
         for plan in plans:
             src = np.full(bucket.tokens, -1, np.int32)
             src[:len(plan.seqs)] = [prev_row.get(s.seq_id, -1) for s in plan.seqs]
-            packs.append(self._pack(plan, bucket, src))
+            row_steps = np.zeros(bucket.rows, np.int32)
+            row_steps[:len(plan.seqs)] = [steps[s.seq_id] for s in plan.seqs]
+            packs.append(self._pack(plan, bucket, (src, row_steps)))
         scheduled = [(d * bucket.rows + i, s) for d, plan in enumerate(plans) for i, s in enumerate(plan.seqs)]
         row_params: list[RowParams | None] = [None] * (self.dp * bucket.rows)
         for r, s in scheduled:

@@ -256,15 +256,15 @@ class Scheduler:
             touched.append(seq)
         return touched
 
-    def reserve_ahead(self, plan: StepPlan, steps: int) -> StepPlan | None:
-        """For a plan of decodes only, make room for `steps` decode steps in one call.
+    def reserve_ahead(self, plan: StepPlan, steps: dict[str, int]) -> StepPlan | None:
+        """For a plan of decodes only, make room for steps[seq_id] decode steps in one call.
 
-        Allocates the pages each sequence needs to hold `steps` more tokens and returns
+        Allocates the pages each sequence needs to hold that many more tokens and returns
         the plan with the grown page lists; None (and nothing allocated) if the pool is short.
         The extra pages are the ones the next steps would take anyway.
         """
         alloc = self.allocator
-        need = {s.seq_id: alloc.pages_needed(s.seq_id, s.start_pos + steps) for s in plan.seqs}
+        need = {s.seq_id: alloc.pages_needed(s.seq_id, s.start_pos + steps[s.seq_id]) for s in plan.seqs}
         if sum(need.values()) > alloc.num_free_pages:
             return None
         for seq_id, n in need.items():

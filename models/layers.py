@@ -44,12 +44,17 @@ class RMSNorm(nnx.Module):
 def apply_rope(
     x: Float[Array, "T N D"], positions: Int[Array, " T"], inv_freq: Float[Array, " D2"]
 ) -> Float[Array, "T N D"]:
-    """Rotate-half RoPE (HF's convention): pairs (i, i + D/2) rotate by position * inv_freq[i]."""
+    """Rotate-half RoPE (HF's convention): pairs (i, i + D/2) rotate by position * inv_freq[i].
+
+    Written as x * cos + swap_halves(x) * (-sin, +sin) over a (.., 2, D/2) view, so XLA
+    emits one elementwise pass (a concatenate of the two halves costs a pass of its own).
+    """
+    t, n, d = x.shape
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    cos = jnp.cos(angles)[:, None, None, :]  # (T, 1, 1, D/2)
+    sin = jnp.sin(angles)[:, None, None, :] * jnp.array([-1.0, 1.0], jnp.float32)[:, None]  # (T, 1, 2, D/2)
+    halves = x.astype(jnp.float32).reshape(t, n, 2, d // 2)
+    return (halves * cos + jnp.flip(halves, axis=2) * sin).reshape(t, n, d).astype(x.dtype)
 
 
 class MLP(nnx.Module):

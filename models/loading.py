@@ -68,7 +68,7 @@ def random_model(cfg: ModelConfig, dtype="float32", seed: int = 0, place: Placem
     for i, (path, var) in enumerate(sorted(flat.items(), key=lambda kv: str(kv[0]))):
         if not isinstance(var, nnx.Param):  # the one constant, the RoPE frequencies, comes from the config
             assert path == ("inv_freq",), f"no random value for the non-parameter {path}"
-            var.set_value(jnp.asarray(cfg.rope_inv_freq()))
+            var.set_value(place(path, None, cfg.rope_inv_freq()))  # replicated over the mesh
             continue
         kind = "ones" if path[-1] == "weight" else "zeros" if path[-1].endswith("bias") else "normal"
         sharding = place.sharding(var.get_metadata().get("logical_axes"), var.shape)

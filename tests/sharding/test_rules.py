@@ -43,3 +43,18 @@ def test_placement_puts_each_shard_on_its_device():
     y = place.put(("embed", "heads", "head_dim"), jax.device_put(w))
     assert y.sharding.is_equivalent_to(x.sharding, 3)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+
+
+def test_random_weights_drawn_in_shards_all_live_on_the_mesh(monkeypatch):
+    """Models too large for one device are drawn shard by shard: every array, the RoPE
+    frequencies included, must sit on the mesh (a stray one-device array fails at compile)."""
+    from flax import nnx
+
+    import models.loading
+    from models.config import ModelConfig
+
+    monkeypatch.setattr(models.loading, "DRAW_IN_SHARDS_BYTES", 0)
+    mesh = make_mesh(1, 2)
+    model = models.loading.random_model(ModelConfig.tiny(), "float32", place=Placement(mesh))
+    for path, x in nnx.to_flat_state(nnx.state(model)):
+        assert x.get_value().sharding.device_set == set(mesh.devices.flat), path
