@@ -31,6 +31,7 @@ from engine.params import SamplingParams
 
 KINDS = (  # first match wins; names are GPU kernel names (Pallas kernels carry their own)
     ("attention", re.compile(r"paged_attention|flash|fmha|cudnn", re.I)),
+    ("collective", re.compile(r"nccl|all_reduce|all-reduce|allreduce|all_gather|one_shot", re.I)),
     ("gemm", re.compile(r"gemm|cutlass|xmma|cublas|matmul|sm90_|sm80_|dot", re.I)),
     ("kv_write", re.compile(r"scatter|dynamic.update.slice", re.I)),
     ("sampling", re.compile(r"sort|top_?k|argmax|reduce|gumbel|threefry|random", re.I)),
@@ -43,21 +44,24 @@ def kind_of(name: str) -> str:
 
 
 def device_kernels(trace_dir: str) -> dict[str, dict]:
-    """Kernel name -> {ms, count} over every GPU plane of the trace written to `trace_dir`."""
+    """Kernel name -> {ms, count} of one GPU: summed over the trace's GPU planes, divided by their number
+    (with several GPUs, each runs the same step on its shards)."""
     from jax.profiler import ProfileData
 
     totals: dict[str, dict] = collections.defaultdict(lambda: {"ms": 0.0, "count": 0})
+    gpus = 0
     for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
         for plane in ProfileData.from_file(path).planes:
             if not plane.name.startswith("/device:GPU"):
                 continue
+            gpus += 1
             lines = [ln for ln in plane.lines if ln.name.startswith("Stream")] or list(plane.lines)
             for line in lines:
                 for ev in line.events:
                     t = totals[ev.name]
                     t["ms"] += ev.duration_ns / 1e6
                     t["count"] += 1
-    return dict(totals)
+    return {name: {"ms": t["ms"] / gpus, "count": t["count"] / gpus} for name, t in totals.items()}
 
 
 def summarize(kernels: dict[str, dict], wall_ms: float, steps: int) -> dict:

@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -79,20 +78,24 @@ class LlamaForCausalLM(nnx.Module):
 
     @staticmethod
     def hf_param_map(cfg: ModelConfig) -> dict[str, tuple[tuple, Callable]]:
-        """HF tensor name -> (our param path, host transform from HF's layout to ours)."""
+        """HF tensor name -> (our param path, transform from HF's layout to ours).
+
+        Transforms use array methods only, so they run on numpy and jax arrays alike (the
+        loader runs them on the device); the transform of a parameter depends on its kind
+        (q, k, gate, ...) alone, never on its layer."""
         h, k, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
 
         def heads_in(n):  # torch Linear (n*d, e) -> (e, n, d)
-            return lambda w: np.ascontiguousarray(w.T.reshape(e, n, d))
+            return lambda w: w.T.reshape(e, n, d)
 
         def heads_bias(n):
             return lambda b: b.reshape(n, d)
 
         def o_proj(w):  # (e, h*d) -> (h, d, e)
-            return np.ascontiguousarray(w.T.reshape(h, d, e))
+            return w.T.reshape(h, d, e)
 
         def t(w):
-            return np.ascontiguousarray(w.T)
+            return w.T
 
         def same(w):
             return w

@@ -18,7 +18,7 @@ from flax import nnx
 from models.config import ModelConfig
 from models.orbax_checkpoint import is_orbax_checkpoint, read_model_config, restore_model
 from models.registry import model_class
-from sharding.rules import Placement
+from sharding.rules import Placement, named_sharding
 
 Place = Callable[[tuple, tuple, np.ndarray], jax.Array]
 DRAW_IN_SHARDS_BYTES = 1 << 30  # random weights above this size are drawn in their shards
@@ -93,7 +93,6 @@ def load_model(path: str | os.PathLike, dtype="float32", place: Place | None = N
         return restore_model(path, _dtype(dtype), place)
     from models.loaders import CheckpointError, iter_tensors, read_config
     dtype = _dtype(dtype)
-    place = place or _default_place
     cfg = ModelConfig.from_hf(read_config(path))
     cls = model_class(cfg.architecture)
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
@@ -101,15 +100,19 @@ def load_model(path: str | os.PathLike, dtype="float32", place: Place | None = N
     by_name = cls.hf_param_map(cfg)
     filled: dict[tuple, jax.Array] = {}
     np_dtype = np.float32 if dtype == jnp.float32 else dtype
+    to_device = _LayoutOnDevice(place)
     for name, array in iter_tensors(path, dtype=np_dtype):
         if name not in by_name:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} for {cfg.architecture}")
         target, to_ours = by_name[name]
-        value = to_ours(array)
         var = flat[target]
-        if tuple(value.shape) != tuple(var.shape):
+        try:
+            shape = jax.eval_shape(to_ours, jax.ShapeDtypeStruct(array.shape, array.dtype)).shape
+        except (TypeError, ValueError):
+            shape = None
+        if shape != tuple(var.shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {array.shape}, expected one matching {var.shape}")
-        filled[target] = place(target, var.get_metadata().get("logical_axes"), np.asarray(value, dtype=var.dtype))
+        filled[target] = to_device(target, var.get_metadata().get("logical_axes"), to_ours, array)
     missing = [k for k in by_name if by_name[k][0] not in filled]
     if missing:
         raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -117,6 +120,42 @@ def load_model(path: str | os.PathLike, dtype="float32", place: Place | None = N
         if key in filled:
             var.set_value(filled[key])
         elif key == ("inv_freq",):
-            var.set_value(place(key, None, cfg.rope_inv_freq()))  # replicated
+            var.set_value((place or _default_place)(key, None, cfg.rope_inv_freq()))  # replicated
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     return model, cfg
+
+
+class _LayoutOnDevice:
+    """Puts checkpoint tensors on their devices in our layout, changing the layout there.
+
+    A tensor travels in the checkpoint's layout (contiguous as read), then one compiled
+    function per kind of parameter (q, k, ..., shared by the layers, whose transform
+    depends only on the kind) transposes it, pads heads and reshards it on the devices:
+    transposing gigabytes in numpy on the host would cost most of the load time. A
+    caller's own `place` callable gets host arrays in our layout instead.
+    """
+
+    def __init__(self, place: Place | None):
+        self.place = place
+        self.fns: dict[tuple, Callable] = {}
+
+    def __call__(self, target: tuple, axes, to_ours: Callable, array: np.ndarray) -> jax.Array:
+        place = self.place
+        if place is not None and not isinstance(place, Placement):
+            return place(target, axes, np.ascontiguousarray(to_ours(array)))
+        kind = target[-2:] if target[0] == "layers" else target
+        key = (kind, array.shape, array.dtype)
+        if key not in self.fns:
+            if place is None:
+                self.fns[key] = jax.jit(to_ours)
+            else:
+                served = place.served_shape(axes, jax.eval_shape(to_ours, jax.ShapeDtypeStruct(array.shape, array.dtype)).shape)
+                heads = place.heads
+                self.fns[key] = jax.jit(lambda x, f=to_ours: heads.pad(axes, f(x)) if heads else f(x),
+                                        out_shardings=place.sharding(axes, served))
+        if place is None:
+            staged = jax.device_put(array)
+        else:  # every device gets the whole tensor for the moment (each process from its own read)
+            staging = named_sharding(place.mesh, None)
+            staged = jax.make_array_from_callback(array.shape, staging, lambda index: array[index])
+        return self.fns[key](staged)
