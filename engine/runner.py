@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental.multihost_utils import broadcast_one_to_all
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from engine.sampling import RowParams, SamplingTensors, sample
@@ -106,6 +107,7 @@ class ModelRunner:
         self._cache_shardings = jax.tree.map(lambda x: x.sharding, kv_cache)
         self._rows = named_sharding(self.mesh, ("batch",))  # leading axis split over data shards
         self._replicated = named_sharding(self.mesh, None)
+        self._steps_rows = named_sharding(self.mesh, (None, "batch"))  # (steps, rows) of a fused call
         self._multihost = jax.process_count() > 1
         self._host_memory = jax.local_devices(backend="cpu")[0]  # where the lead stages what it broadcasts
         self._followers_stopped = False
@@ -178,29 +180,45 @@ class ModelRunner:
         tokens = jnp.where(src >= 0, prev[-1][jnp.maximum(src, 0)], tokens)
         model = nnx.merge(self.graphdef, params)
         t, b, ps = bucket.tokens, bucket.rows, self.page_size
-        shard_row = meta.token_seq + (jnp.arange(tokens.shape[0]) // t) * b  # row of each token, over shards
-        real = meta.seq_lens[shard_row] > 0  # padding tokens keep writing to the trash page
+        dp = packed.shape[0]
+
+        def of_token(x):  # (dp * B, ...) values of rows -> (dp * T, ...) values of their tokens
+            idx = meta.token_seq.reshape((dp, t) + (1,) * (x.ndim - 1))  # row within its shard: no collective
+            return jnp.take_along_axis(x.reshape((dp, b) + x.shape[1:]), idx, axis=1).reshape((dp * t,) + x.shape[1:])
+
+        real = of_token(meta.seq_lens) > 0  # padding tokens keep writing to the trash page
+        token_steps, token_tables = of_token(row_steps), of_token(meta.block_tables)
         trash = jnp.arange(tokens.shape[0]) % ps  # slots of page 0
 
         def one(k, carry):
             kv_cache, tokens, out = carry
-            active = real & (k < row_steps[shard_row])
+            active = real & (k < token_steps)
             pos = meta.positions + k
-            page = jnp.take_along_axis(meta.block_tables[shard_row], (pos // ps)[:, None], axis=1, mode="clip")[:, 0]
+            page = jnp.take_along_axis(token_tables, (pos // ps)[:, None], axis=1, mode="clip")[:, 0]
             step_meta = meta.replace(
                 positions=jnp.where(active, pos, meta.positions),
                 slot_mapping=jnp.where(active, page * ps + pos % ps, jnp.where(real, trash, meta.slot_mapping)),
                 seq_lens=jnp.where(meta.seq_lens > 0, meta.seq_lens + jnp.clip(row_steps - 1, 0, k), 0),
             )
             hidden, kv_cache = model(tokens, kv_cache, step_meta)
-            sampled = sample(self._logits(model, hidden, rows, bucket), tensors.replace(step=tensors.step + k))
+            sampled = self._sample_rows(self._logits(model, hidden, rows, bucket), tensors.replace(step=tensors.step + k))
             out = jax.tree.map(lambda acc, x: acc.at[k].set(x), out, sampled)
-            return kv_cache, jnp.where(real, sampled.token_ids[shard_row], 0), out
+            return kv_cache, jnp.where(real, of_token(sampled.token_ids), 0), out
 
         logits_shape = jax.ShapeDtypeStruct((tensors.step.shape[0], model.config.vocab_size), jnp.float32)
-        out = jax.tree.map(lambda x: jnp.zeros((steps,) + x.shape, x.dtype), jax.eval_shape(sample, logits_shape, tensors))
+        out = jax.tree.map(  # rows stay with their data shard until the call returns
+            lambda x: jax.lax.with_sharding_constraint(jnp.zeros((steps,) + x.shape, x.dtype), self._steps_rows),
+            jax.eval_shape(sample, logits_shape, tensors))
         kv_cache, _, out = jax.lax.fori_loop(0, steps, one, (kv_cache, tokens, out))
         return out, kv_cache
+
+    def _sample_rows(self, logits, tensors, *extras):
+        """`sample`, each data shard on its own rows (replicated over the model axis: the logits'
+        vocabulary shards are gathered once). Left to XLA, the row-wise sampler would be split
+        over shards and vocabulary, paying a collective for each of its reductions every step."""
+        spec = P(DATA)
+        return jax.shard_map(sample, mesh=self.mesh, in_specs=(spec,) * (2 + len(extras)), out_specs=spec,
+                             check_vma=False)(logits, tensors, *extras)
 
     def _packed_len(self, bucket: Bucket, fused: bool = False) -> int:
         return (5 if fused else 4) * bucket.tokens + bucket.rows * bucket.pages + (4 if fused else 3) * bucket.rows + 1
@@ -224,7 +242,7 @@ class ModelRunner:
                 logits = jax.ShapeDtypeStruct((self.dp * r, self.vocab_size), jnp.float32)
                 others = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._sampler_inputs(r, penalties))
                 args = (logits, *others)
-                sampler = jax.jit(sample, in_shardings=(self._rows,) * len(args), out_shardings=self._replicated)
+                sampler = jax.jit(self._sample_rows, in_shardings=(self._rows,) * len(args), out_shardings=self._replicated)
                 jobs.append((self._samplers, (r, penalties), sampler.lower(*args)))
         fused_step = jax.jit(self._fused_fn, static_argnums=(5, 6), donate_argnums=(1,),
                              in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._rows,

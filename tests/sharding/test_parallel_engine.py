@@ -8,6 +8,7 @@ cache and the weights live and that nothing compiles after warm-up.
 """
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -113,3 +114,14 @@ def test_fused_decode_on_a_mesh_matches_one_device(one_device, dp, tp):
     engine.runner.dispatch_fused = lambda *a, **kw: fused.append(1) or dispatch_fused(*a, **kw)
     assert _run_without_compiling(engine) == one_device
     assert fused, "no step was fused"
+    # Collectives of a fused call: the model's own all-reduces over the model axis (two a layer,
+    # one for the vocabulary-split embedding), one gather of the logits' vocabulary shards for the
+    # sampler, and the gathers of the call's outputs; the row-wise sampler and the per-shard
+    # bookkeeping add none (left to XLA they cost about ten per step).
+    layers = engine.model_config.num_layers
+    for exe in engine.runner._fused.values():
+        hlo = exe.as_text()
+        all_reduces = len(re.findall(r"= \S+ all-reduce(?:-start)?\(", hlo))
+        all_gathers = len(re.findall(r"= \S+ all-gather(?:-start)?\(", hlo))
+        assert all_reduces == (2 * layers + 1 if tp > 1 else 0), hlo.count("all-reduce")
+        assert all_gathers <= 4 + (tp > 1), all_gathers  # token ids, logprobs, top ids, top logprobs
