@@ -8,7 +8,9 @@ then a few engine steps run under `jax.profiler.trace`:
 
 * `--batch B`: B random prompts of `--context` tokens, all decoding; the steps traced are
   decode steps (fused calls of `decode_steps` tokens where the engine fuses);
-* `--prefill L`: one prompt of L tokens on an idle engine and its first token (the TTFT step).
+* `--prefill L`: one prompt of L tokens on an idle engine and its first token (the TTFT step);
+* `--mixed B`: B sequences decoding at `--context` when a fresh prompt of `--context` tokens
+  joins: the step that runs its prefill beside the B decodes (offline runs are full of these).
 
 The trace's GPU kernels are summed by name and sorted into kinds (attention = our Pallas
 kernels, gemm, KV write (scatter), sampling (sort/top-k/argmax), other fusions), and set
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import re
 import tempfile
@@ -96,21 +99,49 @@ def traced(engine, trace_dir: str, num_steps: int) -> tuple[float, int]:
     return wall, seq.num_output_tokens - before
 
 
-def profile_decode(engine, batch: int, context: int, trace_dir: str, num_steps: int) -> dict:
+def _decoding(engine, batch: int, context: int) -> list[str]:
+    """Start `batch` requests of `context` random tokens and step until all of them decode."""
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=1.0, max_tokens=engine.max_model_len - context, ignore_eos=True)
     ids = [engine.add_request(None, p, params) for p in random_prompts(batch, context, vocab, seed=batch)]
     while engine.scheduler.num_waiting or any(s.num_computed_tokens < s.num_prompt_tokens
                                               for sh in engine.scheduler.shards for s in sh.running):
         engine.step()
-    for _ in range(2):  # untraced: the fused graphs run once before the trace
+    for _ in range(2):  # the fused graphs run once before any trace
         engine.step()
-    wall, steps = traced(engine, trace_dir, num_steps)
+    return ids
+
+
+def _finish(engine, ids: list[str]) -> None:
     for rid in ids:
         engine.abort_request(rid)
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def profile_decode(engine, batch: int, context: int, trace_dir: str, num_steps: int) -> dict:
+    ids = _decoding(engine, batch, context)
+    wall, steps = traced(engine, trace_dir, num_steps)
+    _finish(engine, ids)
     return {"workload": f"decode, batch {batch}, context ~{context}", **summarize(device_kernels(trace_dir), wall, steps)}
+
+
+def profile_mixed(engine, batch: int, context: int, trace_dir: str) -> dict:
+    import jax
+
+    ids = _decoding(engine, batch, context)
+    params = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
+    vocab = engine.model_config.vocab_size
+    for seed, trace in ((7, False), (8, True)):  # the first one untraced (its bucket's first run)
+        ids.append(engine.add_request(None, random_prompts(1, context, vocab, seed=seed)[0], params))
+        ctx = jax.profiler.trace(trace_dir) if trace else contextlib.nullcontext()
+        with ctx:
+            t0 = time.perf_counter()
+            engine.step()
+            wall = (time.perf_counter() - t0) * 1e3
+    _finish(engine, ids)
+    return {"workload": f"{batch} decodes at context ~{context} and a fresh prompt of {context} tokens in one step",
+            **summarize(device_kernels(trace_dir), wall, 1)}
 
 
 def profile_prefill(engine, length: int, trace_dir: str) -> dict:
@@ -141,6 +172,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, action="append", default=[], help="decode batch size to profile (repeatable)")
     p.add_argument("--context", type=int, default=1024, help="prompt length of the decode workloads")
     p.add_argument("--prefill", type=int, action="append", default=[], help="prompt length of a TTFT step (repeatable)")
+    p.add_argument("--mixed", type=int, action="append", default=[],
+                   help="decoding batch beside which a fresh prompt joins (repeatable)")
     p.add_argument("--steps", type=int, default=4, help="engine steps traced per decode workload")
     p.add_argument("--trace-dir", help="keep the traces here (default: a temporary folder)")
     p.add_argument("--out")
@@ -151,11 +184,15 @@ def main() -> None:
     for b in args.batch:
         results.append(profile_decode(engine, b, args.context, f"{root}/decode{b}", args.steps))
         print(results[-1], flush=True)
+    for b in args.mixed:
+        results.append(profile_mixed(engine, b, args.context, f"{root}/mixed{b}"))
+        print(results[-1], flush=True)
     for n in args.prefill:
         results.append(profile_prefill(engine, n, f"{root}/prefill{n}"))
         print(results[-1], flush=True)
     if args.out:
-        write_json(args.out, {**environment(), "kind": "profile", "engine": engine_info(engine), "profiles": results})
+        write_json(args.out, {**environment(), "kind": "profile", "model": args.model, "engine": engine_info(engine),
+                              "profiles": results})
 
 
 if __name__ == "__main__":

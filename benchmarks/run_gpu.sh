@@ -13,7 +13,9 @@
 #   peer1b     the HF peer on the 1B shape
 #   serve      pagedjax serve (1B shape) under benchmarks/serve.py: 200 prompts x 1024 in x 128 out,
 #              all at once, at most 32 in flight (needs the .whl wheels: starlette, uvicorn)
-#   attention  benchmarks/attention.py (not in the default list)
+#   profile8b  benchmarks/profile_step.py on the 8B engine: GPU time per kernel kind of a batch-1 and a
+#              batch-192 decode step, a step where a prompt joins 191 decodes, and the TTFT step
+#   attention  benchmarks/attention.py (profile8b and attention are not in the default list)
 #
 # BUDGET_8B / BUDGET_1B (seconds, default 75 / 60) bound the offline runs: N is lowered from 1000
 # to what fits. Give 280 / 150 (one stage per call) for the full 1000 prompts.
@@ -43,11 +45,13 @@
 #                              sequences of 2048 tokens is 51 GB, what 0.9 of the GPU holds beside the
 #                              16 GB of weights, so the offline run never preempts
 #   --memory-utilization 0.9   with XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 (jax's pool; default 0.75)
-#   --token-buckets 16,64,S,1024,2048 (S = max-num-seqs)
+#   --token-buckets 16,64,S,1024,1280,1536,2048 (S = max-num-seqs)
 #                              batch-1 decode, small batches, a full decode batch, one 1024-token
-#                              prompt, a full prefill chunk; 5 x 3 = 15 step graphs to compile
-#   --page-buckets 64,128      up to 1024 tokens (batch 1, TTFT), full length (2048); with the fused
-#                              decode graphs (token buckets <= S) that is 10 + 6 step graphs
+#                              prompt (TTFT), a full decode batch beside one or two fresh prompts
+#                              (the offline run's usual step: S decodes + 1024 no longer pads to
+#                              2048), a full prefill chunk
+#   block tables stay one width (128 pages, the default with the GPU kernel, whose cost follows
+#   each row's length): 7 step graphs plus the fused decode graphs of the buckets <= S (3)
 set -u
 
 export PYTHONUNBUFFERED=1
@@ -74,16 +78,17 @@ device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1
 echo "benchmark run: stages ${stages[*]}; ${device:-no nvidia-smi}; $($py --version 2>&1)"
 
 roofline="$work/results/roofline.json"
-common=(--page-size 16 --max-model-len 2048 --max-num-batched-tokens 2048 --memory-utilization 0.9 --page-buckets 64,128)
+common=(--page-size 16 --max-model-len 2048 --max-num-batched-tokens 2048 --memory-utilization 0.9)
 m8=llama-3.1-8b m1=llama-3.2-1b vocab=128256
-engine8b=(--model $m8 "${common[@]}" --max-num-seqs 192 --token-buckets 16,64,192,1024,2048)
-engine1b=(--model $m1 "${common[@]}" --max-num-seqs 256 --token-buckets 16,64,256,1024,2048)
+engine8b=(--model $m8 "${common[@]}" --max-num-seqs 192 --token-buckets 16,64,192,1024,1280,1536,2048)
+engine1b=(--model $m1 "${common[@]}" --max-num-seqs 256 --token-buckets 16,64,256,1024,1280,1536,2048)
 workloads=(--case 1x128x256 --ttft-input-len 1024 --repeats 3 --ttft-repeats 3
            --num-prompts 1000 --input-len 1024 --output-len 1024)
 budget8b=${BUDGET_8B:-75} budget1b=${BUDGET_1B:-60}  # seconds the offline run may take (N fitted to it)
 peer8b=(--batch1 128x128 --ttft-input-len 1024 --cb 32x1024x128 --repeats 2)
 peer1b=(--batch1 128x128 --ttft-input-len 1024 --cb 64x1024x128 --repeats 2)
 served=(--num-prompts 200 --input-len 1024 --output-len 128 --max-concurrency 32)
+profiled=(--batch 1 --batch 192 --mixed 191 --context 1024 --prefill 1024)
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then  # every stage at toy sizes on the "tiny" preset: checks this script on a CPU
   small=(--model tiny --max-model-len 256 --max-num-batched-tokens 64 --token-buckets 16,64 --page-buckets 16)
   m8=tiny m1=tiny vocab=49152
@@ -93,6 +98,7 @@ if [ "${BENCH_SMOKE:-0}" = 1 ]; then  # every stage at toy sizes on the "tiny" p
   peer8b=(--batch1 16x8 --ttft-input-len 64 --cb 8x32x8 --repeats 2 --dtype float32)
   peer1b=("${peer8b[@]}")
   served=(--num-prompts 16 --input-len 32 --output-len 8 --max-concurrency 4)
+  profiled=(--batch 1 --batch 4 --mixed 3 --context 32 --prefill 64)
 fi
 engine8b+=(--compilation-cache-dir "$work/cache-8b")
 engine1b+=(--compilation-cache-dir "$work/cache-1b")
@@ -153,10 +159,13 @@ for s in "${stages[@]}"; do
         --launch "${engine1b[*]} --tokenizer $tok --max-queued-requests 1024" --server-log "$work/logs/server.log" \
         "${served[@]}" --vocab-size $vocab --request-rate inf --metric-percentiles 50,90,99 --preset $m1 \
         $(ceilings) --device "$device" --out "$work/results/serve.json" ;;
+    profile8b)
+      stage profile8b 200 60 $py -m benchmarks.profile_step "${engine8b[@]}" "${profiled[@]}" \
+        --out "$work/results/profile8b.json" ;;
     attention)
       stage attention 240 60 $py benchmarks/attention.py "$work/results/attention.json" ;;
     *)
-      echo "unknown stage $s (known: roofline llama8b warmup8b llama1b peer8b peer1b serve attention)" ;;
+      echo "unknown stage $s (known: roofline llama8b warmup8b llama1b peer8b peer1b serve profile8b attention)" ;;
   esac
 done
 

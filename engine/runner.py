@@ -118,7 +118,10 @@ class ModelRunner:
         # Few buckets keep warm-up short (each is a compiled graph); padding a decode step costs
         # little, since its matmuls are bound by reading the weights, not by the rows.
         self.token_buckets = sorted(token_buckets or _powers(4, min(16, max_num_batched_tokens), max_num_batched_tokens))
-        self.page_buckets = sorted(set(page_buckets or [max(1, max_pages // 16), max_pages]))
+        # The jnp reference gathers whole block tables, so narrow tables pay on short contexts; the
+        # GPU kernel reads each row up to its own length, so one width (the full one) serves all.
+        default_pages = [max_pages] if model.attention_backend != "reference" else [max(1, max_pages // 16), max_pages]
+        self.page_buckets = sorted(set(page_buckets or default_pages))
         if self.token_buckets[-1] < max_num_batched_tokens or self.page_buckets[-1] < max_pages:
             raise ValueError(
                 f"buckets must reach max_num_batched_tokens={max_num_batched_tokens} tokens and "
