@@ -129,7 +129,7 @@ class ModelRunner:
                 f"(got token_buckets={self.token_buckets}, page_buckets={self.page_buckets})"
             )
         self._steps: dict[Bucket, object] = {}  # compiled model steps
-        self._samplers: dict[tuple[int, bool], object] = {}  # compiled samplers, by (rows, with penalties)
+        self._samplers: dict[int, object] = {}  # compiled penalty samplers, by rows
         # Fused decode (several steps a call) pays when the host is slower than a step; not across processes.
         self.decode_steps = 1 if self._multihost else decode_steps
         self._fused: dict[Bucket, object] = {}  # compiled fused decode steps, for buckets a decode plan uses
@@ -163,11 +163,14 @@ class ModelRunner:
         last = jnp.take_along_axis(hidden.reshape(dp, bucket.tokens, -1), rows.reshape(dp, bucket.rows, 1), axis=1)
         return model.logits(last.reshape(dp * bucket.rows, -1))
 
-    def _step_fn(self, params, kv_cache, packed, bucket: Bucket):
+    def _step_fn(self, params, kv_cache, packed, tensors, bucket: Bucket):
+        """One step and its sampling (without penalties); the logits come back too, for the
+        penalty sampler when some row uses penalties (it then replaces the sampled tokens)."""
         tokens, meta, rows = self._unpack(packed, bucket)
         model = nnx.merge(self.graphdef, params)
         hidden, kv_cache = model(tokens, kv_cache, meta)  # (dp * T, E)
-        return self._logits(model, hidden, rows, bucket), kv_cache
+        logits = self._logits(model, hidden, rows, bucket)
+        return self._sample_rows(logits, tensors), logits, kv_cache
 
     def _fused_fn(self, params, kv_cache, packed, tensors, prev, bucket: Bucket, steps: int):
         """`steps` decode steps in one call: each row's sampled token is the next step's input.
@@ -234,19 +237,19 @@ class ModelRunner:
         """
         start = time.perf_counter()
         jobs = []  # (table, key, lowered)
-        step = jax.jit(self._step_fn, static_argnums=(3,), donate_argnums=(1,),
-                       in_shardings=(self._param_shardings, self._cache_shardings, self._rows),
-                       out_shardings=(self._rows, self._cache_shardings))
+        step = jax.jit(self._step_fn, static_argnums=(4,), donate_argnums=(1,),
+                       in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._rows),
+                       out_shardings=(self._replicated, self._rows, self._cache_shardings))
         for bucket in self.buckets():
             packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket)), jnp.int32)
-            jobs.append((self._steps, bucket, step.lower(self.params, self.kv_cache, packed, bucket)))
-        for r in sorted({bk.rows for bk in self.buckets()}):
-            for penalties in (False, True):
-                logits = jax.ShapeDtypeStruct((self.dp * r, self.vocab_size), jnp.float32)
-                others = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._sampler_inputs(r, penalties))
-                args = (logits, *others)
-                sampler = jax.jit(self._sample_rows, in_shardings=(self._rows,) * len(args), out_shardings=self._replicated)
-                jobs.append((self._samplers, (r, penalties), sampler.lower(*args)))
+            tensors = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._sampler_inputs(bucket.rows, False)[0])
+            jobs.append((self._steps, bucket, step.lower(self.params, self.kv_cache, packed, tensors, bucket)))
+        for r in sorted({bk.rows for bk in self.buckets()}):  # the penalty samplers, by row count
+            logits = jax.ShapeDtypeStruct((self.dp * r, self.vocab_size), jnp.float32)
+            others = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._sampler_inputs(r, True))
+            args = (logits, *others)
+            sampler = jax.jit(self._sample_rows, in_shardings=(self._rows,) * len(args), out_shardings=self._replicated)
+            jobs.append((self._samplers, r, sampler.lower(*args)))
         fused_step = jax.jit(self._fused_fn, static_argnums=(5, 6), donate_argnums=(1,),
                              in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._rows,
                                            self._replicated),
@@ -414,9 +417,11 @@ class ModelRunner:
                 for k in range(self.decode_steps)]
 
     def _execute(self, bucket: Bucket, packed, tensors, extras: tuple):
-        """The compiled step, then the sampler; every process runs this with the same inputs."""
-        logits, self.kv_cache = self._steps[bucket](self.params, self.kv_cache, self._put(packed))
-        return self._samplers[(bucket.rows, bool(extras))](logits, self._put(tensors), *self._put(extras))
+        """The compiled step (sampling inside), and the penalty sampler when `extras` carry the
+        penalty history; every process runs this with the same inputs."""
+        tensors = self._put(tensors)
+        sampled, logits, self.kv_cache = self._steps[bucket](self.params, self.kv_cache, self._put(packed), tensors)
+        return self._samplers[bucket.rows](logits, tensors, *self._put(extras)) if extras else sampled
 
     def _put(self, tree):
         """Host arrays onto the row shards (arrays already there stay). With several processes,

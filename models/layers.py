@@ -102,9 +102,12 @@ class Attention(nnx.Module):
         backend: str,
         mesh: jax.sharding.Mesh | None = None,
     ) -> tuple[Float[Array, "T E"], KVPages, KVPages]:
-        q = jnp.einsum("te,ehd->thd", x, self.q[...])
-        k = jnp.einsum("te,ekd->tkd", x, self.k[...])
-        v = jnp.einsum("te,ekd->tkd", x, self.v[...])
+        # One copy of x per projection: given a shared operand, XLA's dot merger joins the three
+        # dots into one over weights it concatenates anew every step (on a GPU, for prefill shapes).
+        xq, xk, xv = jax.lax.optimization_barrier((x, x, x))
+        q = jnp.einsum("te,ehd->thd", xq, self.q[...])
+        k = jnp.einsum("te,ekd->tkd", xk, self.k[...])
+        v = jnp.einsum("te,ekd->tkd", xv, self.v[...])
         if self.q_bias is not None:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         q = apply_rope(q, meta.positions, inv_freq)
