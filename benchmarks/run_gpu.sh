@@ -82,7 +82,7 @@ common=(--page-size 16 --max-model-len 2048 --max-num-batched-tokens 2048 --memo
 m8=llama-3.1-8b m1=llama-3.2-1b vocab=128256
 engine8b=(--model $m8 "${common[@]}" --max-num-seqs 192 --token-buckets 16,64,192,1024,1280,1536,2048)
 engine1b=(--model $m1 "${common[@]}" --max-num-seqs 256 --token-buckets 16,64,256,1024,1280,1536,2048)
-workloads=(--case 1x128x256 --ttft-input-len 1024 --repeats 3 --ttft-repeats 3
+workloads=(--case 1x128x256 --ttft-input-len 1024 --repeats 3 --ttft-repeats 10
            --num-prompts 1000 --input-len 1024 --output-len 1024)
 budget8b=${BUDGET_8B:-75} budget1b=${BUDGET_1B:-60}  # seconds the offline run may take (N fitted to it)
 peer8b=(--batch1 128x128 --ttft-input-len 1024 --cb 32x1024x128 --repeats 2)

@@ -3,7 +3,9 @@
 NOTE: every step is padded up to a fixed bucket (tokens T, rows B, block-table
 width P) so that a small set of executables, all compiled during warm-up, serves
 any plan. The step's integer metadata travels as one packed host array (one
-transfer); the KV cache is donated to every call, so it is updated in place and
+transfer), its sampling parameters as one more; sampling runs inside the step (a
+separate penalty sampler reruns it on the returned logits only when a row uses
+penalties). The KV cache is donated to every call, so it is updated in place and
 the runner holds the only reference to it.
 
 Packed int32 layout of one step (offsets are static per bucket), one row per data shard:
