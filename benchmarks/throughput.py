@@ -24,6 +24,7 @@ the whole device to itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -107,11 +108,56 @@ def choose_num_prompts(requested: int, input_len: int, output_len: int, p: dict,
     return max((n for n in range(1, min(wave, requested) + 1) if fits(n)), default=0)
 
 
+@contextlib.contextmanager
+def step_kinds(engine):
+    """Record what each engine step ran, with its host wall time: ("single", tokens) for one
+    step of that many tokens, or ("fused", queued) for a fused decode call read back, queued
+    being whether the next call was already queued behind it (the pipeline kept going)."""
+    runner, log, seen = engine.runner, [], {}
+    run, dispatch, step = runner.run, runner.dispatch_fused, engine.step
+
+    def run_(plans, *args):
+        seen["single"] = max(p.num_tokens for p in plans)
+        return run(plans, *args)
+
+    def dispatch_(plans, seqs, steps, after=None):
+        seen["queued"] = after is not None
+        return dispatch(plans, seqs, steps, after)
+
+    def step_():
+        seen.clear()
+        t0 = time.perf_counter()
+        out = step()
+        kind = ("single", seen["single"]) if "single" in seen else ("fused", seen.get("queued", False))
+        log.append((kind, time.perf_counter() - t0))
+        return out
+
+    runner.run, runner.dispatch_fused, engine.step = run_, dispatch_, step_
+    try:
+        yield log
+    finally:
+        del runner.run, runner.dispatch_fused, engine.step  # the class's methods again
+
+
+def summarize_step_kinds(log, max_num_seqs: int) -> dict:
+    """Counts and host wall time of single steps (decodes only, or carrying prompt tokens) and fused calls."""
+    groups = {"single_decode_only": [], "single_with_prompt_tokens": [], "fused_pipelined": [], "fused_last": []}
+    for (kind, x), seconds in log:
+        if kind == "single":
+            groups["single_decode_only" if x <= max_num_seqs else "single_with_prompt_tokens"].append(seconds)
+        else:
+            groups["fused_pipelined" if x else "fused_last"].append(seconds)
+    return {k: {"count": len(v), "total_s": float(sum(v)), "mean_ms": float(np.mean(v)) * 1e3 if v else None}
+            for k, v in groups.items()}
+
+
 def measure_throughput(engine, num_prompts: int, input_len: int, output_len: int, seed: int = 0) -> dict:
-    """One timed offline run, after a small untimed one; vLLM's result keys plus output tokens/s."""
+    """One timed offline run, after a small untimed one; vLLM's result keys plus output tokens/s,
+    and how the engine steps divided into kinds (`step_kinds`)."""
     vocab = engine.model_config.vocab_size
     drive(engine, random_prompts(min(4, num_prompts), input_len, vocab, seed + 999), sampling_params(2))  # untimed
-    run = drive(engine, random_prompts(num_prompts, input_len, vocab, seed), sampling_params(output_len))
+    with step_kinds(engine) as kinds:
+        run = drive(engine, random_prompts(num_prompts, input_len, vocab, seed), sampling_params(output_len))
     outputs = [t.num_output for t in run.requests.values()]
     if any(n != output_len for n in outputs):
         raise RuntimeError(f"expected {output_len} output tokens per request, got {sorted(set(outputs))}")
@@ -130,6 +176,7 @@ def measure_throughput(engine, num_prompts: int, input_len: int, output_len: int
         "num_steps": len(run.steps),
         "mean_step_ms": float(np.mean(step_s)) * 1e3,
         "num_preemptions": run.num_preemptions,
+        "step_kinds": summarize_step_kinds(kinds, engine.config.max_num_seqs),
     }
 
 
@@ -230,6 +277,7 @@ def run_throughput(engine, args, ceilings: dict, log=print) -> tuple[dict, dict]
     log(f"throughput {n}x{args.input_len}x{args.output_len}: {m['output_tokens_per_second']:.0f} output tok/s, "
         f"{m['tokens_per_second']:.0f} total tok/s in {m['elapsed_time']:.1f} s "
         f"(floor {floor['output_tok_s']:.0f} output tok/s; {m['num_preemptions']} preemptions)")
+    log("engine steps: " + ", ".join(f"{k} {v['count']} ({v['total_s']:.1f} s)" for k, v in m["step_kinds"].items()))
     return m, {"ceilings": ceilings, "offline": floor}
 
 

@@ -160,6 +160,10 @@ def test_throughput_cli_fits_the_budget(tmp_path, ceilings_file):
     assert m["probe"]["concurrency"] == 8 and m["probe"]["rows"] >= 1 and m["estimate_s"] > 0
     assert r["roofline"]["offline"]["output_tok_s"] > 0
     assert r["workload"] == "12 prompts x 20 in x 6 out, offline"
+    kinds = m["step_kinds"]  # every engine step is counted once; on the CPU none is fused
+    assert sum(k["count"] for k in kinds.values()) == m["num_steps"]
+    assert kinds["single_with_prompt_tokens"]["count"] >= 2 and kinds["single_decode_only"]["count"] >= 5
+    assert kinds["fused_pipelined"]["count"] == kinds["fused_last"]["count"] == 0
 
 
 def test_warmup_probe_times_a_cold_and_a_cached_start(tmp_path):
@@ -277,3 +281,19 @@ def test_profile_sums_kernels_by_kind(tmp_path):
                                                             "2 decodes at context ~24 and a fresh prompt of 24 tokens in one step",
                                                             "one prompt of 40 tokens, first token (TTFT)"]
     assert result["profiles"][0]["steps"] == 2  # CPU: one decode step per engine step
+
+
+def test_step_kinds_count_fused_calls_and_the_pipeline():
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model="tiny", tokenizer=synthetic_tokenizer(PRESETS["tiny"]().vocab_size),
+                                    max_model_len=128, num_pages=64, max_num_seqs=4, max_num_batched_tokens=64,
+                                    token_buckets=(16, 64), page_buckets=(8,), decode_steps=4), progress=False)
+    m = throughput.measure_throughput(engine, num_prompts=4, input_len=20, output_len=30)
+    kinds = m["step_kinds"]
+    assert sum(k["count"] for k in kinds.values()) == m["num_steps"]
+    # 80 prompt tokens in steps of 64 and 16 (three sequences decode in the second), then fused
+    # calls of 4 decode steps, each queued behind the one before but the last.
+    assert kinds["single_with_prompt_tokens"]["count"] == 2 and kinds["single_decode_only"]["count"] == 0
+    assert (kinds["fused_pipelined"]["count"], kinds["fused_last"]["count"]) == (7, 1)
