@@ -229,9 +229,7 @@ def paged_attention_kernel(
     blk_row, blk_lo, blk_hi = query_block_schedule(qsl, t, tile_rows // group_pad)
     num_blocks = blk_row.shape[0]
     max_ctx = meta.block_tables.shape[1] * page_size
-    # The smallest bucket mostly carries a single row (batch-1 decode): fill the GPU for that one.
-    busy_blocks = 1 if t <= MIN_DOT_ROWS else num_blocks
-    splits = config.num_splits or num_splits_for(busy_blocks * kv_heads, max_ctx, config.block_kv)
+    splits = config.num_splits or num_splits_for(num_blocks * kv_heads, max_ctx, config.block_kv)
 
     kernel = functools.partial(
         _kernel,
