@@ -260,8 +260,7 @@ class LLMEngine:
                 p = seq.params
                 if len(s.token_ids) != 1 or not s.sample or p.uses_penalties or seq.num_output_tokens < p.min_tokens:
                     return None
-                left = min(p.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - ahead
-                steps[s.seq_id] = min(k, left)
+                steps[s.seq_id] = min(k, self._tokens_left(seq) - ahead)
         grown = self.scheduler.reserve_ahead(plans, steps)
         return None if grown is None else (grown, steps)
 
@@ -281,13 +280,10 @@ class LLMEngine:
         for plan in plans:
             keep = []
             for s in plan.seqs:
-                req = self._requests.get(self._request_of(s.seq_id))  # gone: all its sequences finished
-                seq = req.completions[int(s.seq_id.rsplit("-", 1)[1])].seq if req else None
+                seq = self._seq(s.seq_id, missing_ok=True)  # None: its request finished altogether
                 if seq is not None and seq.finish_reason == "abort":
                     return None
-                p = seq.params if seq is not None else None
-                if seq is None or seq.finish_reason is not None or min(
-                        p.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) <= k:
+                if seq is None or seq.finish_reason is not None or self._tokens_left(seq) <= k:
                     continue
                 keep.append(dataclasses.replace(s, start_pos=s.start_pos + k))
                 seqs[s.seq_id] = seq
@@ -298,8 +294,13 @@ class LLMEngine:
         grown, steps = fused
         return grown, self.runner.dispatch_fused(grown, seqs, steps, after=call)
 
-    def _seq(self, seq_id: str) -> Sequence:
-        return self._requests[self._request_of(seq_id)].completions[int(seq_id.rsplit("-", 1)[1])].seq
+    def _tokens_left(self, seq: Sequence) -> int:
+        """Tokens `seq` may still generate (its max_tokens, or the model length, whichever ends first)."""
+        return min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
+
+    def _seq(self, seq_id: str, missing_ok: bool = False) -> Sequence | None:
+        req = self._requests.get(self._request_of(seq_id)) if missing_ok else self._requests[self._request_of(seq_id)]
+        return req.completions[int(seq_id.rsplit("-", 1)[1])].seq if req else None
 
     @staticmethod
     def _request_of(seq_id: str) -> str:
