@@ -149,7 +149,8 @@ class ModelRunner:
         return [bk for bk in self.buckets() if bk.tokens <= largest]
 
     def _unpack(self, packed, bucket: Bucket, fused: bool = False):
-        """(dp, L) packed rows -> flat tokens and metadata over all shards, the logit rows (and src)."""
+        """(dp, L) packed rows -> flat tokens and metadata over all shards, the logit rows (and, for a
+        fused call, the src and steps fields)."""
         t, b, p = bucket.tokens, bucket.rows, bucket.pages
         dp = packed.shape[0]  # packed: (dp, L), one row per data shard
         sizes = [t, t, t, t, b * p, b, b + 1, b] + ([t, b] if fused else [])
@@ -232,7 +233,7 @@ class ModelRunner:
         return (5 if fused else 4) * bucket.tokens + bucket.rows * bucket.pages + (4 if fused else 3) * bucket.rows + 1
 
     def warmup(self, progress: bool = True) -> float:
-        """Compile every bucket (and the samplers for every row count). Returns seconds spent.
+        """Compile every bucket (and the penalty sampler for every row count). Returns seconds spent.
 
         Tracing and lowering run one graph at a time (Python); XLA compiles them side by side
         in COMPILE_THREADS threads (it releases the GIL). `warmup_report` says where the time went.
@@ -244,11 +245,11 @@ class ModelRunner:
                        out_shardings=(self._replicated, self._rows, self._cache_shardings))
         for bucket in self.buckets():
             packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket)), jnp.int32)
-            tensors = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._sampler_inputs(bucket.rows, False)[0])
+            tensors = _abstract(self._sampler_inputs(bucket.rows, False)[0])
             jobs.append((self._steps, bucket, step.lower(self.params, self.kv_cache, packed, tensors, bucket)))
         for r in sorted({bk.rows for bk in self.buckets()}):  # the penalty samplers, by row count
             logits = jax.ShapeDtypeStruct((self.dp * r, self.vocab_size), jnp.float32)
-            others = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._sampler_inputs(r, True))
+            others = _abstract(self._sampler_inputs(r, True))
             args = (logits, *others)
             sampler = jax.jit(self._sample_rows, in_shardings=(self._rows,) * len(args), out_shardings=self._replicated)
             jobs.append((self._samplers, r, sampler.lower(*args)))
@@ -258,7 +259,7 @@ class ModelRunner:
                              out_shardings=(self._replicated, self._cache_shardings))
         for bucket in self.decode_buckets() if self.decode_steps > 1 else []:
             packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket, fused=True)), jnp.int32)
-            tensors = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._sampler_inputs(bucket.rows, False)[0])
+            tensors = _abstract(self._sampler_inputs(bucket.rows, False)[0])
             self._no_prev[bucket.rows] = jax.device_put(np.zeros((self.decode_steps, self.dp * bucket.rows), np.int32),
                                                         self._replicated)
             jobs.append((self._fused, bucket, fused_step.lower(self.params, self.kv_cache, packed, tensors,
@@ -381,7 +382,7 @@ class ModelRunner:
         }
 
     def dispatch_fused(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence], steps: dict[str, int],
-                       after: "FusedCall | None" = None) -> "FusedCall":
+                       after: FusedCall | None = None) -> FusedCall:
         """Queue `decode_steps` decode steps in one call, for plans of decodes; sequence s decodes in
         the first steps[s] of them (up to its length) and holds pages for every position it
         reaches (Scheduler.reserve_ahead). Returns without waiting.
@@ -412,7 +413,7 @@ class ModelRunner:
         out, self.kv_cache = self._fused[bucket](self.params, self.kv_cache, self._put(np.stack(packs)), tensors, prev)
         return FusedCall(bucket, scheduled, out, _want_top(scheduled, seqs))
 
-    def collect(self, call: "FusedCall") -> list[dict[str, Sampled]]:
+    def collect(self, call: FusedCall) -> list[dict[str, Sampled]]:
         """Wait for a fused call; one result dict per step."""
         out = _host(call.out)  # one read of every step's results; slicing numpy compiles nothing
         return [self._results(call.scheduled, jax.tree.map(lambda x: x[k], out), call.want_top)
@@ -458,6 +459,11 @@ class ModelRunner:
         if self._multihost and jax.process_index() == 0 and not self._followers_stopped:
             self._followers_stopped = True
             broadcast_one_to_all(self._header(_STOP, self.buckets()[0], False))
+
+
+def _abstract(tree):
+    """Shapes and dtypes of host arrays, to lower a step without data."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def _want_top(scheduled, seqs: dict[str, Sequence]) -> bool:
