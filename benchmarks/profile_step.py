@@ -149,19 +149,15 @@ def profile_prefill(engine, length: int, trace_dir: str) -> dict:
 
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=1.0, max_tokens=1, ignore_eos=True)
-    for seed in (1, 2):  # untraced, then traced
+    for seed, trace in ((1, False), (2, True)):  # untraced, then traced
         engine.add_request(None, random_prompts(1, length, vocab, seed=seed)[0], params)
-        ctx = jax.profiler.trace(trace_dir) if seed == 2 else None
-        t0 = time.perf_counter()
-        if ctx:
-            ctx.__enter__()
-        steps = 0
-        while engine.has_unfinished_requests():
-            engine.step()
-            steps += 1
-        if ctx:
-            ctx.__exit__(None, None, None)
-        wall = (time.perf_counter() - t0) * 1e3
+        with jax.profiler.trace(trace_dir) if trace else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            steps = 0
+            while engine.has_unfinished_requests():
+                engine.step()
+                steps += 1
+            wall = (time.perf_counter() - t0) * 1e3
     return {"workload": f"one prompt of {length} tokens, first token (TTFT)",
             **summarize(device_kernels(trace_dir), wall, steps)}
 

@@ -112,7 +112,7 @@ def load_model(path: str | os.PathLike, dtype="float32", place: Place | None = N
             shape = None
         if shape != tuple(var.shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {array.shape}, expected one matching {var.shape}")
-        filled[target] = to_device(target, var.get_metadata().get("logical_axes"), to_ours, array)
+        filled[target] = to_device(target, var.get_metadata().get("logical_axes"), to_ours, array, shape)
     missing = [k for k in by_name if by_name[k][0] not in filled]
     if missing:
         raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -139,7 +139,8 @@ class _LayoutOnDevice:
         self.place = place
         self.fns: dict[tuple, Callable] = {}
 
-    def __call__(self, target: tuple, axes, to_ours: Callable, array: np.ndarray) -> jax.Array:
+    def __call__(self, target: tuple, axes, to_ours: Callable, array: np.ndarray, shape: tuple) -> jax.Array:
+        """`shape`: the tensor's shape in our layout (before any head padding)."""
         place = self.place
         if place is not None and not isinstance(place, Placement):
             return place(target, axes, np.ascontiguousarray(to_ours(array)))
@@ -149,7 +150,7 @@ class _LayoutOnDevice:
             if place is None:
                 self.fns[key] = jax.jit(to_ours)
             else:
-                served = place.served_shape(axes, jax.eval_shape(to_ours, jax.ShapeDtypeStruct(array.shape, array.dtype)).shape)
+                served = place.served_shape(axes, shape)
                 heads = place.heads
                 self.fns[key] = jax.jit(lambda x, f=to_ours: heads.pad(axes, f(x)) if heads else f(x),
                                         out_shardings=place.sharding(axes, served))
