@@ -110,45 +110,56 @@ def choose_num_prompts(requested: int, input_len: int, output_len: int, p: dict,
 
 @contextlib.contextmanager
 def step_kinds(engine):
-    """Record what each engine step ran, with its host wall time: ("single", tokens) for one
-    step of that many tokens, or ("fused", queued) for a fused decode call read back, queued
-    being whether the next call was already queued behind it (the pipeline kept going)."""
-    runner, log, seen = engine.runner, [], {}
-    run, dispatch, step = runner.run, runner.dispatch_fused, engine.step
+    """Record every call the engine reads back: its kind (a single step of decodes only or
+    carrying prompt tokens; a fused call, "pipelined" when the next call was queued behind
+    it before it was read), the host's wait for it, and the device's idle time after it:
+    from its read to the next call queued, when none was queued behind it. That idle time
+    is the host work the run does not hide."""
+    runner, log, kinds = engine.runner, [], {}
+    state = {"in_flight": 0, "read_at": 0.0, "last": None}
+    dispatch, dispatch_fused, collect = runner.dispatch, runner.dispatch_fused, runner.collect
 
-    def run_(plans, *args):
-        seen["single"] = max(p.num_tokens for p in plans)
-        return run(plans, *args)
+    def queued(call, kind):
+        if state["in_flight"] == 0 and state["last"] is not None:  # the device sat idle since the last read
+            state["last"]["idle_s"] += time.perf_counter() - state["read_at"]
+            state["last"] = None
+        state["in_flight"] += 1
+        kinds[id(call)] = kind
+        return call
 
-    def dispatch_(plans, seqs, steps, after=None):
-        seen["queued"] = after is not None
-        return dispatch(plans, seqs, steps, after)
+    def dispatch_(plans, *args):
+        decodes_only = max(p.num_tokens for p in plans) <= engine.config.max_num_seqs
+        return queued(dispatch(plans, *args), "single_decode_only" if decodes_only else "single_with_prompt_tokens")
 
-    def step_():
-        seen.clear()
+    def dispatch_fused_(*args, **kwargs):
+        return queued(dispatch_fused(*args, **kwargs), "fused")
+
+    def collect_(call):
+        kind = kinds.pop(id(call))
+        if kind == "fused":
+            kind = "fused_pipelined" if state["in_flight"] > 1 else "fused_last"
         t0 = time.perf_counter()
-        out = step()
-        kind = ("single", seen["single"]) if "single" in seen else ("fused", seen.get("queued", False))
-        log.append((kind, time.perf_counter() - t0))
+        out = collect(call)
+        state["read_at"] = time.perf_counter()
+        state["in_flight"] -= 1
+        state["last"] = {"kind": kind, "wait_s": state["read_at"] - t0, "idle_s": 0.0}
+        log.append(state["last"])
         return out
 
-    runner.run, runner.dispatch_fused, engine.step = run_, dispatch_, step_
+    runner.dispatch, runner.dispatch_fused, runner.collect = dispatch_, dispatch_fused_, collect_
     try:
         yield log
     finally:
-        del runner.run, runner.dispatch_fused, engine.step  # the class's methods again
+        del runner.dispatch, runner.dispatch_fused, runner.collect  # the class's methods again
 
 
-def summarize_step_kinds(log, max_num_seqs: int) -> dict:
-    """Counts and host wall time of single steps (decodes only, or carrying prompt tokens) and fused calls."""
-    groups = {"single_decode_only": [], "single_with_prompt_tokens": [], "fused_pipelined": [], "fused_last": []}
-    for (kind, x), seconds in log:
-        if kind == "single":
-            groups["single_decode_only" if x <= max_num_seqs else "single_with_prompt_tokens"].append(seconds)
-        else:
-            groups["fused_pipelined" if x else "fused_last"].append(seconds)
-    return {k: {"count": len(v), "total_s": float(sum(v)), "mean_ms": float(np.mean(v)) * 1e3 if v else None}
-            for k, v in groups.items()}
+def summarize_step_kinds(log) -> dict:
+    """Per kind of call read back: how many, the host's total wait for them, and the device's
+    total idle time after them (see `step_kinds`)."""
+    groups = {k: [e for e in log if e["kind"] == k]
+              for k in ("single_decode_only", "single_with_prompt_tokens", "fused_pipelined", "fused_last")}
+    return {k: {"count": len(v), "wait_s": float(sum(e["wait_s"] for e in v)),
+                "device_idle_after_s": float(sum(e["idle_s"] for e in v))} for k, v in groups.items()}
 
 
 def measure_throughput(engine, num_prompts: int, input_len: int, output_len: int, seed: int = 0) -> dict:
@@ -176,7 +187,7 @@ def measure_throughput(engine, num_prompts: int, input_len: int, output_len: int
         "num_steps": len(run.steps),
         "mean_step_ms": float(np.mean(step_s)) * 1e3,
         "num_preemptions": run.num_preemptions,
-        "step_kinds": summarize_step_kinds(kinds, engine.config.max_num_seqs),
+        "step_kinds": summarize_step_kinds(kinds),
     }
 
 
@@ -277,7 +288,8 @@ def run_throughput(engine, args, ceilings: dict, log=print) -> tuple[dict, dict]
     log(f"throughput {n}x{args.input_len}x{args.output_len}: {m['output_tokens_per_second']:.0f} output tok/s, "
         f"{m['tokens_per_second']:.0f} total tok/s in {m['elapsed_time']:.1f} s "
         f"(floor {floor['output_tok_s']:.0f} output tok/s; {m['num_preemptions']} preemptions)")
-    log("engine steps: " + ", ".join(f"{k} {v['count']} ({v['total_s']:.1f} s)" for k, v in m["step_kinds"].items()))
+    log("calls read: " + ", ".join(f"{k} {v['count']} (waited {v['wait_s']:.1f} s, device idle after "
+                                   f"{v['device_idle_after_s']:.1f} s)" for k, v in m["step_kinds"].items()))
     return m, {"ceilings": ceilings, "offline": floor}
 
 

@@ -42,7 +42,7 @@ from sharding.distributed import initialize as join_processes
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Completion:
     """Output-side state of one sequence."""
 
@@ -112,7 +112,7 @@ class LLMEngine:
         del self.kv_cache  # the runner owns (and donates) the only reference
         self.warmup_seconds = self.runner.warmup(progress=progress)
         self._requests: dict[str, _Request] = {}
-        self._inflight = None  # (plans, FusedCall): a fused decode call queued and not yet recorded
+        self._inflight = None  # (plans, runner.Call): the call queued on the device, not yet recorded
         if jax.process_count() > 1 and jax.process_index() == 0:
             atexit.register(self.shutdown)  # followers wait for the lead's word to stop
 
@@ -200,42 +200,66 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the requests that changed (cumulative outputs).
+        """Run one call on the device; returns the requests that changed (cumulative outputs).
 
-        A fused decode call is queued on the device, then (while nothing could join) the
-        next one is queued behind it before the first one's tokens are read: the device
-        runs call N+1 while the host records call N (`_continue_fused`).
+        NOTE: a call (a step, or a fused call of several decode steps) stays queued on the
+        device across step() returns. step() reads the call in flight, records its tokens in
+        the scheduler, queues the next call, and only then turns the tokens into text and
+        outputs, while the device computes. A fused call that can go on is queued behind the
+        one in flight before that one is read (`_continue_fused`). Sequences with stop
+        strings are decoded before the next call is planned, since their text may end them.
         """
         if jax.process_index() != 0:
             raise RuntimeError(f"process {jax.process_index()} of a multi-host run only executes process 0's steps: "
                                "call follow() instead")
-        if self._inflight is None:
-            plans = self.scheduler.schedule()  # one per data shard
-            seqs = {s.seq_id: self._seq(s.seq_id) for plan in plans for s in plan.seqs}
-            fused = self._reserve_fused(plans, seqs)
-            if fused is None:
-                return self._record(plans, [self.runner.run(plans, seqs, self._suppressed(seqs)) if seqs else {}])
-            plans, steps = fused
-            self._inflight = (plans, self.runner.dispatch_fused(plans, seqs, steps))
-        plans, call = self._inflight
-        self._inflight = self._continue_fused(plans, call)
-        return self._record(plans, self.runner.collect(call))
-
-    def _record(self, plans, steps: list[dict[str, Sampled]]) -> list[RequestOutput]:
-        """Record the sampled tokens of one or more steps (a fused call gives several) and build outputs."""
         touched: dict[str, _Request] = {}
-        for sampled in steps:
-            changed = self.scheduler.update(plans, {k: v.token_id for k, v in sampled.items()})
-            for seq in changed:
-                req = self._requests.get(seq.request_id)
-                if req is None:
-                    continue
-                self._emit(req.completions[seq.index], sampled.get(seq.seq_id))
-                touched[req.request_id] = req
+        if self._inflight is None:
+            self._inflight = self._dispatch(touched)
+            if self._inflight is None:
+                return self._outputs(touched)
+        plans, call = self._inflight
+        follow = self._continue_fused(plans, call) if call.fused else None
+        later = self._record(plans, self.runner.collect(call), touched)
+        self._inflight = follow or self._dispatch(touched)
+        for comp, sampled in later.items():  # the device runs the next call meanwhile
+            self._emit(comp, sampled)
+        return self._outputs(touched)
+
+    def _dispatch(self, touched: dict[str, _Request]):
+        """Schedule and queue the next call: (plans, Call), or None when nothing is to run.
+        Requests whose sequences the schedule released (finished or aborted) join `touched`."""
+        plans = self.scheduler.schedule()  # one per data shard
         for seq_id in (f for plan in plans for f in plan.freed):  # aborted requests show up here
             rid = self._request_of(seq_id)
             if rid in self._requests:
                 touched[rid] = self._requests[rid]
+        seqs = {s.seq_id: self._seq(s.seq_id) for plan in plans for s in plan.seqs}
+        if not seqs:
+            return None
+        fused = self._reserve_fused(plans, seqs)
+        if fused is None:
+            return plans, self.runner.dispatch(plans, seqs, self._suppressed(seqs))
+        plans, steps = fused
+        return plans, self.runner.dispatch_fused(plans, seqs, steps)
+
+    def _record(self, plans, steps: list[dict[str, Sampled]], touched: dict[str, _Request]):
+        """Record the sampled tokens of a call's steps in the scheduler. Returns what is left to
+        emit: {completion: its Sampled, step by step} of the sequences without stop strings."""
+        later: dict[_Completion, list[Sampled]] = {}
+        for sampled in steps:
+            for seq in self.scheduler.update(plans, {k: v.token_id for k, v in sampled.items()}):
+                req = self._requests.get(seq.request_id)
+                if req is None:
+                    continue
+                comp = req.completions[seq.index]
+                touched[req.request_id] = req
+                if comp.detok.stop:  # its text may end it before the call's next step
+                    self._emit(comp, [sampled[seq.seq_id]])
+                else:
+                    later.setdefault(comp, []).append(sampled[seq.seq_id])
+        return later
+
+    def _outputs(self, touched: dict[str, _Request]) -> list[RequestOutput]:
         outputs = [self._output(r) for r in touched.values()]
         for r in touched.values():
             if r.finished:
@@ -318,16 +342,19 @@ class LLMEngine:
                 out[sid] = sorted(ids)
         return out
 
-    def _emit(self, comp: _Completion, sampled: Sampled | None) -> None:
+    def _emit(self, comp: _Completion, sampled: list[Sampled]) -> None:
+        """Hand a sequence's new tokens (`sampled`, one per step since its last emit) to its
+        detokenizer and logprobs; finish it on a stop string."""
         seq = comp.seq
         new_ids = seq.output_token_ids[comp.emitted_tokens:]
         comp.emitted_tokens = len(seq.output_token_ids)
-        if comp.logprobs is not None and sampled is not None:
+        if comp.logprobs is not None:
             k = seq.params.logprobs or 0
-            top = {} if sampled.top_ids is None else {
-                int(i): float(lp) for i, lp in zip(sampled.top_ids[:k], sampled.top_logprobs[:k])
-            }
-            comp.logprobs.append(Logprob(sampled.token_id, sampled.logprob, top))
+            for s in sampled:
+                top = {} if s.top_ids is None else {
+                    int(i): float(lp) for i, lp in zip(s.top_ids[:k], s.top_logprobs[:k])
+                }
+                comp.logprobs.append(Logprob(s.token_id, s.logprob, top))
         if isinstance(seq.stop_reason, int) and new_ids and new_ids[-1] == seq.stop_reason:
             new_ids = new_ids[:-1]  # a stop token id ends the text without appearing in it
         if seq.finish_reason is None or new_ids:

@@ -61,13 +61,14 @@ class Bucket:
 
 
 @dataclass
-class FusedCall:
-    """A fused decode call queued on the device, not yet read back."""
+class Call:
+    """A step, or a fused decode call, queued on the device and not yet read back."""
 
     bucket: Bucket
     scheduled: list[tuple[int, object]]  # (sampler row, ScheduledSeq)
-    out: object  # SampleOutput of device arrays, (steps, dp * B, ...)
+    out: object  # SampleOutput of device arrays: (dp * B, ...) for a step, (steps, dp * B, ...) for a fused call
     want_top: bool  # some sequence asked for logprobs
+    fused: bool
 
 
 @dataclass
@@ -330,12 +331,10 @@ class ModelRunner:
         qsl[len(plan.seqs) + 1:] = at
         return np.concatenate([tokens, positions, slots, token_seq, tables.ravel(), seq_lens, qsl, rows, *fused])
 
-    def run(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence],
-            suppress: dict[str, list[int]]) -> dict[str, Sampled]:
-        """Execute one step, plans[d] on data shard d; returns the sampled token of every
-        sequence whose chunk asked for one."""
-        if not any(plan.seqs for plan in plans):
-            return {}
+    def dispatch(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence],
+                 suppress: dict[str, list[int]]) -> Call:
+        """Queue one step, plans[d] on data shard d (at least one sequence); returns without
+        waiting. `collect` reads the token sampled for every chunk that asked for one."""
         bucket = self._bucket_for(plans)
         packed = np.stack([self._pack(plan, bucket) for plan in plans])  # (dp, L)
         # (sampler row, chunk): shard d's rows are d * B .. d * B + B - 1
@@ -365,16 +364,13 @@ class ModelRunner:
             broadcast_one_to_all(self._header(_STEP, bucket, penalties))
             packed, tensors, extras = broadcast_one_to_all((packed, _host(tensors), extras))
         out = self._execute(bucket, packed, tensors, extras)
-
-        return self._results(scheduled, out, _want_top(scheduled, seqs))
+        return Call(bucket, scheduled, out, _want_top(scheduled, seqs), fused=False)
 
     @staticmethod
     def _results(scheduled, out, want_top: bool) -> dict[str, Sampled]:
-        """Read one step's sampler output back for every chunk that sampled (with the top
+        """One step's sampler output (host arrays) for every chunk that sampled (with the top
         logprobs when some sequence asked for logprobs)."""
-        token_ids, logprobs = _host(out.token_ids), _host(out.logprobs)
-        top_ids = _host(out.top_ids) if want_top else None
-        top_lps = _host(out.top_logprobs) if want_top else None
+        token_ids, logprobs, top_ids, top_lps = out
         return {
             s.seq_id: Sampled(int(token_ids[r]), float(logprobs[r]),
                               top_ids[r] if want_top else None, top_lps[r] if want_top else None)
@@ -382,7 +378,7 @@ class ModelRunner:
         }
 
     def dispatch_fused(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence], steps: dict[str, int],
-                       after: FusedCall | None = None) -> FusedCall:
+                       after: Call | None = None) -> Call:
         """Queue `decode_steps` decode steps in one call, for plans of decodes; sequence s decodes in
         the first steps[s] of them (up to its length) and holds pages for every position it
         reaches (Scheduler.reserve_ahead). Returns without waiting.
@@ -411,12 +407,15 @@ class ModelRunner:
         tensors = SamplingTensors.build(row_params, len(row_params), device=self._rows)
         prev = self._no_prev[bucket.rows] if after is None else after.out.token_ids
         out, self.kv_cache = self._fused[bucket](self.params, self.kv_cache, self._put(np.stack(packs)), tensors, prev)
-        return FusedCall(bucket, scheduled, out, _want_top(scheduled, seqs))
+        return Call(bucket, scheduled, out, _want_top(scheduled, seqs), fused=True)
 
-    def collect(self, call: FusedCall) -> list[dict[str, Sampled]]:
-        """Wait for a fused call; one result dict per step."""
-        out = _host(call.out)  # one read of every step's results; slicing numpy compiles nothing
-        return [self._results(call.scheduled, jax.tree.map(lambda x: x[k], out), call.want_top)
+    def collect(self, call: Call) -> list[dict[str, Sampled]]:
+        """Wait for a call; one result dict per step it made (one for a plain step)."""
+        o = call.out  # one read of what is needed; slicing numpy compiles nothing
+        out = _host((o.token_ids, o.logprobs) + ((o.top_ids, o.top_logprobs) if call.want_top else (None, None)))
+        if not call.fused:
+            return [self._results(call.scheduled, out, call.want_top)]
+        return [self._results(call.scheduled, [None if x is None else x[k] for x in out], call.want_top)
                 for k in range(self.decode_steps)]
 
     def _execute(self, bucket: Bucket, packed, tensors, extras: tuple):

@@ -277,7 +277,7 @@ class Scheduler:
         self.allocator.allocate(seq.seq_id, self.allocator.pages_needed(seq.seq_id, end))
         return ScheduledSeq(
             seq_id=seq.seq_id,
-            token_ids=tuple(seq.all_token_ids[start:end]),
+            token_ids=seq.token_ids_between(start, end),
             start_pos=start,
             page_ids=tuple(self.allocator.pages_of(seq.seq_id)),
             sample=end == seq.num_tokens,

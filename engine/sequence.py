@@ -47,6 +47,13 @@ class Sequence:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids_between(self, start: int, end: int) -> tuple[int, ...]:
+        """all_token_ids[start:end] without joining the whole prompt and output (a decode asks every step)."""
+        p = len(self.prompt_token_ids)
+        if start >= p:
+            return tuple(self.output_token_ids[start - p:end - p])
+        return tuple(self.prompt_token_ids[start:end]) + tuple(self.output_token_ids[:max(0, end - p)])
+
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
