@@ -110,40 +110,37 @@ def choose_num_prompts(requested: int, input_len: int, output_len: int, p: dict,
 
 @contextlib.contextmanager
 def step_kinds(engine):
-    """Record every call the engine reads back: its kind (a single step of decodes only or
-    carrying prompt tokens; a fused call, "pipelined" when the next call was queued behind
-    it before it was read), the host's wait for it, and the device's idle time after it:
-    from its read to the next call queued, when none was queued behind it. That idle time
-    is the host work the run does not hide."""
+    """Record every call the engine queues and reads back: its kind (a single step of decodes
+    only or carrying prompt tokens; a fused call, "pipelined" when the next call was queued
+    behind it before it was read), the host's time inside the dispatch that queued it (its
+    inputs built and handed to the runner's launcher thread) and inside the read (waiting for
+    the device). The rest of the run's time is host work: scheduling, recording, detokenizing."""
     runner, log, kinds = engine.runner, [], {}
-    state = {"in_flight": 0, "read_at": 0.0, "last": None}
+    in_flight = [0]
     dispatch, dispatch_fused, collect = runner.dispatch, runner.dispatch_fused, runner.collect
 
-    def queued(call, kind):
-        if state["in_flight"] == 0 and state["last"] is not None:  # the device sat idle since the last read
-            state["last"]["idle_s"] += time.perf_counter() - state["read_at"]
-            state["last"] = None
-        state["in_flight"] += 1
-        kinds[id(call)] = kind
+    def queued(queue, kind, *args, **kwargs):
+        t0 = time.perf_counter()
+        call = queue(*args, **kwargs)
+        kinds[id(call)] = (kind, time.perf_counter() - t0)
+        in_flight[0] += 1
         return call
 
     def dispatch_(plans, *args):
         decodes_only = max(p.num_tokens for p in plans) <= engine.config.max_num_seqs
-        return queued(dispatch(plans, *args), "single_decode_only" if decodes_only else "single_with_prompt_tokens")
+        return queued(dispatch, "single_decode_only" if decodes_only else "single_with_prompt_tokens", plans, *args)
 
     def dispatch_fused_(*args, **kwargs):
-        return queued(dispatch_fused(*args, **kwargs), "fused")
+        return queued(dispatch_fused, "fused", *args, **kwargs)
 
     def collect_(call):
-        kind = kinds.pop(id(call))
+        kind, dispatch_s = kinds.pop(id(call))
         if kind == "fused":
-            kind = "fused_pipelined" if state["in_flight"] > 1 else "fused_last"
+            kind = "fused_pipelined" if in_flight[0] > 1 else "fused_last"
         t0 = time.perf_counter()
         out = collect(call)
-        state["read_at"] = time.perf_counter()
-        state["in_flight"] -= 1
-        state["last"] = {"kind": kind, "wait_s": state["read_at"] - t0, "idle_s": 0.0}
-        log.append(state["last"])
+        in_flight[0] -= 1
+        log.append({"kind": kind, "dispatch_s": dispatch_s, "wait_s": time.perf_counter() - t0})
         return out
 
     runner.dispatch, runner.dispatch_fused, runner.collect = dispatch_, dispatch_fused_, collect_
@@ -154,12 +151,11 @@ def step_kinds(engine):
 
 
 def summarize_step_kinds(log) -> dict:
-    """Per kind of call read back: how many, the host's total wait for them, and the device's
-    total idle time after them (see `step_kinds`)."""
+    """Per kind of call: how many, and the host's total time dispatching and reading them (see `step_kinds`)."""
     groups = {k: [e for e in log if e["kind"] == k]
               for k in ("single_decode_only", "single_with_prompt_tokens", "fused_pipelined", "fused_last")}
-    return {k: {"count": len(v), "wait_s": float(sum(e["wait_s"] for e in v)),
-                "device_idle_after_s": float(sum(e["idle_s"] for e in v))} for k, v in groups.items()}
+    return {k: {"count": len(v), "dispatch_s": float(sum(e["dispatch_s"] for e in v)),
+                "wait_s": float(sum(e["wait_s"] for e in v))} for k, v in groups.items()}
 
 
 def measure_throughput(engine, num_prompts: int, input_len: int, output_len: int, seed: int = 0) -> dict:
@@ -288,8 +284,10 @@ def run_throughput(engine, args, ceilings: dict, log=print) -> tuple[dict, dict]
     log(f"throughput {n}x{args.input_len}x{args.output_len}: {m['output_tokens_per_second']:.0f} output tok/s, "
         f"{m['tokens_per_second']:.0f} total tok/s in {m['elapsed_time']:.1f} s "
         f"(floor {floor['output_tok_s']:.0f} output tok/s; {m['num_preemptions']} preemptions)")
-    log("calls read: " + ", ".join(f"{k} {v['count']} (waited {v['wait_s']:.1f} s, device idle after "
-                                   f"{v['device_idle_after_s']:.1f} s)" for k, v in m["step_kinds"].items()))
+    kinds = m["step_kinds"]
+    rest = m["elapsed_time"] - sum(v["dispatch_s"] + v["wait_s"] for v in kinds.values())
+    log("calls: " + ", ".join(f"{k} {v['count']} (dispatch {v['dispatch_s']:.1f} s, read {v['wait_s']:.1f} s)"
+                              for k, v in kinds.items()) + f"; other host time {rest:.1f} s")
     return m, {"ceilings": ceilings, "offline": floor}
 
 

@@ -32,7 +32,7 @@ broadcasts its host inputs; the others execute the same step with them (`follow`
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -66,7 +66,7 @@ class Call:
 
     bucket: Bucket
     scheduled: list[tuple[int, object]]  # (sampler row, ScheduledSeq)
-    out: object  # SampleOutput of device arrays: (dp * B, ...) for a step, (steps, dp * B, ...) for a fused call
+    out: Future  # of a SampleOutput of device arrays: (dp * B, ...) for a step, (steps, dp * B, ...) for a fused call
     want_top: bool  # some sequence asked for logprobs
     fused: bool
 
@@ -138,6 +138,12 @@ class ModelRunner:
         self._fused: dict[Bucket, object] = {}  # compiled fused decode steps, for buckets a decode plan uses
         self.warmup_report: dict = {}  # what warm-up compiled and where its time went
         self._no_prev: dict[int, jax.Array] = {}  # rows -> `prev` of a fused call that follows none
+        # NOTE: compiled calls are queued from one launcher thread, in order. On the GPU a call
+        # returns only once the device reaches the step's sampling (its lax.conds read their
+        # predicate back to the host), so queued from the engine's thread it would leave the host
+        # nothing to overlap. Inline with several processes: every process must queue the same
+        # collectives in the same order.
+        self._launcher = None if self._multihost else ThreadPoolExecutor(1, thread_name_prefix="pagedjax-launch")
 
     # ---- compilation ---------------------------------------------------------------
 
@@ -363,7 +369,7 @@ class ModelRunner:
         if self._multihost:
             broadcast_one_to_all(self._header(_STEP, bucket, penalties))
             packed, tensors, extras = broadcast_one_to_all((packed, _host(tensors), extras))
-        out = self._execute(bucket, packed, tensors, extras)
+        out = self._launch(lambda: self._execute(bucket, packed, tensors, extras))
         return Call(bucket, scheduled, out, _want_top(scheduled, seqs), fused=False)
 
     @staticmethod
@@ -405,18 +411,31 @@ class ModelRunner:
             seq = seqs[s.seq_id]
             row_params[r] = RowParams(seq.params, seq.seed, seq.num_output_tokens + (k if s.seq_id in prev_row else 0))
         tensors = SamplingTensors.build(row_params, len(row_params), device=self._rows)
-        prev = self._no_prev[bucket.rows] if after is None else after.out.token_ids
-        out, self.kv_cache = self._fused[bucket](self.params, self.kv_cache, self._put(np.stack(packs)), tensors, prev)
-        return Call(bucket, scheduled, out, _want_top(scheduled, seqs), fused=True)
+        packed = np.stack(packs)
+
+        def queue():
+            prev = self._no_prev[bucket.rows] if after is None else after.out.result().token_ids
+            out, self.kv_cache = self._fused[bucket](self.params, self.kv_cache, self._put(packed), tensors, prev)
+            return out
+
+        return Call(bucket, scheduled, self._launch(queue), _want_top(scheduled, seqs), fused=True)
 
     def collect(self, call: Call) -> list[dict[str, Sampled]]:
         """Wait for a call; one result dict per step it made (one for a plain step)."""
-        o = call.out  # one read of what is needed; slicing numpy compiles nothing
+        o = call.out.result()  # one read of what is needed; slicing numpy compiles nothing
         out = _host((o.token_ids, o.logprobs) + ((o.top_ids, o.top_logprobs) if call.want_top else (None, None)))
         if not call.fused:
             return [self._results(call.scheduled, out, call.want_top)]
         return [self._results(call.scheduled, [None if x is None else x[k] for x in out], call.want_top)
                 for k in range(self.decode_steps)]
+
+    def _launch(self, queue) -> Future:
+        """Run `queue` (which queues compiled calls) on the launcher thread, or here with several processes."""
+        if self._launcher is not None:
+            return self._launcher.submit(queue)
+        done = Future()
+        done.set_result(queue())
+        return done
 
     def _execute(self, bucket: Bucket, packed, tensors, extras: tuple):
         """The compiled step (sampling inside), and the penalty sampler when `extras` carry the

@@ -297,7 +297,6 @@ def test_step_kinds_count_fused_calls_and_the_pipeline():
     # calls of 4 decode steps, each queued behind the one before but the last.
     assert kinds["single_with_prompt_tokens"]["count"] == 2 and kinds["single_decode_only"]["count"] == 0
     assert (kinds["fused_pipelined"]["count"], kinds["fused_last"]["count"]) == (7, 1)
-    # A call queued behind the one read leaves the device no gap; after a plain step the host
-    # records it and plans the next one while the device waits.
-    assert kinds["fused_pipelined"]["device_idle_after_s"] == 0
-    assert kinds["single_with_prompt_tokens"]["device_idle_after_s"] > 0
+    spent = sum(k["dispatch_s"] + k["wait_s"] for k in kinds.values())
+    assert all(k["dispatch_s"] > 0 and k["wait_s"] > 0 for k in kinds.values() if k["count"])
+    assert spent < m["elapsed_time"]
