@@ -3,7 +3,7 @@
     event loop (server)                               engine thread
     add_requests() -> inbox, notify -------------->   loop: take inbox and aborts
                                                             engine.add_request / abort_request
-    RequestStream  <- call_soon_threadsafe --------         outputs = engine.step()
+    RequestStream  <- call_soon_threadsafe --------         outputs = engine.step(before_schedule=take inbox)
     (an asyncio.Queue per request)                    sleeps on the Condition when there is no work
 
 NOTE: `LLMEngine` is not thread-safe, so only the engine thread touches it. The event
@@ -355,27 +355,13 @@ class AsyncEngine:
                     self._cond.wait()
                 if self._stop:
                     return
-                inbox, self._inbox = self._inbox, []
-                aborts, self._aborts = self._aborts, []
-
-            accepted = []
-            for sub in inbox:
-                rid = sub.stream.request_id
-                try:
-                    engine.add_request(rid, sub.prompt_token_ids, sub.params, arrival_time=sub.stream.arrival_time)
-                    unscheduled[rid] = sub.stream.arrival_time
-                    accepted.append((sub, None))
-                except ValueError as e:
-                    accepted.append((sub, e))
-            for rid in aborts:
-                engine.abort_request(rid)
-                unscheduled.pop(rid, None)
-            if accepted:
-                self._post(self._on_accepted, accepted)
-
+            aborted = self._admit(engine, unscheduled)
             step_start = time.monotonic()
-            outputs = [_snapshot(o) for o in engine.step()] if settle or engine.has_unfinished_requests() else []
-            settle = bool(aborts) or any(o.finished for o in outputs)
+            # Requests that arrive while the engine reads a call join the next one it plans.
+            outputs = engine.step(before_schedule=lambda: self._admit(engine, unscheduled)) \
+                if settle or aborted or engine.has_unfinished_requests() else []
+            outputs = [_snapshot(o) for o in outputs]
+            settle = aborted or any(o.finished for o in outputs)
             queue_seconds = {}
             for rid, arrival in list(unscheduled.items()):
                 if _has_run(engine, rid):
@@ -386,6 +372,27 @@ class AsyncEngine:
                     unscheduled.pop(out.request_id, None)
             if not self._post(self._on_step, outputs, queue_seconds, engine.stats()):
                 return
+
+    def _admit(self, engine: LLMEngine, unscheduled: dict[str, float]) -> bool:
+        """Hand the engine what arrived (new requests, aborts); True if something was aborted."""
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        accepted = []
+        for sub in inbox:
+            rid = sub.stream.request_id
+            try:
+                engine.add_request(rid, sub.prompt_token_ids, sub.params, arrival_time=sub.stream.arrival_time)
+                unscheduled[rid] = sub.stream.arrival_time
+                accepted.append((sub, None))
+            except ValueError as e:
+                accepted.append((sub, e))
+        for rid in aborts:
+            engine.abort_request(rid)
+            unscheduled.pop(rid, None)
+        if accepted:
+            self._post(self._on_accepted, accepted)
+        return bool(aborts)
 
 
 def _snapshot(out: RequestOutput) -> RequestOutput:

@@ -19,6 +19,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jax
@@ -199,7 +200,7 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, before_schedule: Callable[[], object] | None = None) -> list[RequestOutput]:
         """Run one call on the device; returns the requests that changed (cumulative outputs).
 
         NOTE: a call (a step, or a fused call of several decode steps) stays queued on the
@@ -208,6 +209,7 @@ class LLMEngine:
         outputs, while the device computes. A fused call that can go on is queued behind the
         one in flight before that one is read (`_continue_fused`). Sequences with stop
         strings are decoded before the next call is planned, since their text may end them.
+        `before_schedule` runs right before a schedule() (a server adds what arrived meanwhile).
         """
         if jax.process_index() != 0:
             raise RuntimeError(f"process {jax.process_index()} of a multi-host run only executes process 0's steps: "
@@ -220,6 +222,8 @@ class LLMEngine:
         plans, call = self._inflight
         follow = self._continue_fused(plans, call) if call.fused else None
         later = self._record(plans, self.runner.collect(call), touched)
+        if follow is None and before_schedule is not None:
+            before_schedule()
         self._inflight = follow or self._dispatch(touched)
         for comp, sampled in later.items():  # the device runs the next call meanwhile
             self._emit(comp, sampled)

@@ -105,8 +105,11 @@ class ModelRunner:
         model.mesh = self.mesh  # attention runs per shard
         self.vocab_size = model.config.vocab_size
         self.graphdef, self.params = nnx.split(model)
+        # The steps take the params as a flat list: flattening the nnx State on every call costs
+        # more host time than the rest of a dispatch.
+        self._param_leaves, self._param_tree = jax.tree.flatten(self.params)
         self.kv_cache = kv_cache
-        self._param_shardings = jax.tree.map(lambda x: x.sharding, self.params)
+        self._param_shardings = [x.sharding for x in self._param_leaves]
         self._cache_shardings = jax.tree.map(lambda x: x.sharding, kv_cache)
         self._rows = named_sharding(self.mesh, ("batch",))  # leading axis split over data shards
         self._replicated = named_sharding(self.mesh, None)
@@ -173,16 +176,16 @@ class ModelRunner:
         last = jnp.take_along_axis(hidden.reshape(dp, bucket.tokens, -1), rows.reshape(dp, bucket.rows, 1), axis=1)
         return model.logits(last.reshape(dp * bucket.rows, -1))
 
-    def _step_fn(self, params, kv_cache, packed, tensors, bucket: Bucket):
+    def _step_fn(self, param_leaves, kv_cache, packed, tensors, bucket: Bucket):
         """One step and its sampling (without penalties); the logits come back too, for the
         penalty sampler when some row uses penalties (it then replaces the sampled tokens)."""
         tokens, meta, rows = self._unpack(packed, bucket)
-        model = nnx.merge(self.graphdef, params)
+        model = nnx.merge(self.graphdef, jax.tree.unflatten(self._param_tree, param_leaves))
         hidden, kv_cache = model(tokens, kv_cache, meta)  # (dp * T, E)
         logits = self._logits(model, hidden, rows, bucket)
         return self._sample_rows(logits, tensors), logits, kv_cache
 
-    def _fused_fn(self, params, kv_cache, packed, tensors, prev, bucket: Bucket, steps: int):
+    def _fused_fn(self, param_leaves, kv_cache, packed, tensors, prev, bucket: Bucket, steps: int):
         """`steps` decode steps in one call: each row's sampled token is the next step's input.
 
         Only for plans of decodes (token i of shard d is row i), with pages already held
@@ -194,7 +197,7 @@ class ModelRunner:
         """
         tokens, meta, rows, src, row_steps = self._unpack(packed, bucket, fused=True)
         tokens = jnp.where(src >= 0, prev[-1][jnp.maximum(src, 0)], tokens)
-        model = nnx.merge(self.graphdef, params)
+        model = nnx.merge(self.graphdef, jax.tree.unflatten(self._param_tree, param_leaves))
         t, b, ps = bucket.tokens, bucket.rows, self.page_size
         dp = packed.shape[0]
 
@@ -253,7 +256,7 @@ class ModelRunner:
         for bucket in self.buckets():
             packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket)), jnp.int32)
             tensors = _abstract(self._sampler_inputs(bucket.rows, False)[0])
-            jobs.append((self._steps, bucket, step.lower(self.params, self.kv_cache, packed, tensors, bucket)))
+            jobs.append((self._steps, bucket, step.lower(self._param_leaves, self.kv_cache, packed, tensors, bucket)))
         for r in sorted({bk.rows for bk in self.buckets()}):  # the penalty samplers, by row count
             logits = jax.ShapeDtypeStruct((self.dp * r, self.vocab_size), jnp.float32)
             others = _abstract(self._sampler_inputs(r, True))
@@ -269,7 +272,7 @@ class ModelRunner:
             tensors = _abstract(self._sampler_inputs(bucket.rows, False)[0])
             self._no_prev[bucket.rows] = jax.device_put(np.zeros((self.decode_steps, self.dp * bucket.rows), np.int32),
                                                         self._replicated)
-            jobs.append((self._fused, bucket, fused_step.lower(self.params, self.kv_cache, packed, tensors,
+            jobs.append((self._fused, bucket, fused_step.lower(self._param_leaves, self.kv_cache, packed, tensors,
                                                                self._no_prev[bucket.rows], bucket, self.decode_steps)))
         lowered_at = time.perf_counter()
         with tqdm(total=len(jobs), desc="compiling", disable=not progress, unit="graph") as bar:
@@ -415,7 +418,7 @@ class ModelRunner:
 
         def queue():
             prev = self._no_prev[bucket.rows] if after is None else after.out.result().token_ids
-            out, self.kv_cache = self._fused[bucket](self.params, self.kv_cache, self._put(packed), tensors, prev)
+            out, self.kv_cache = self._fused[bucket](self._param_leaves, self.kv_cache, self._put(packed), tensors, prev)
             return out
 
         return Call(bucket, scheduled, self._launch(queue), _want_top(scheduled, seqs), fused=True)
@@ -441,7 +444,7 @@ class ModelRunner:
         """The compiled step (sampling inside), and the penalty sampler when `extras` carry the
         penalty history; every process runs this with the same inputs."""
         tensors = self._put(tensors)
-        sampled, logits, self.kv_cache = self._steps[bucket](self.params, self.kv_cache, self._put(packed), tensors)
+        sampled, logits, self.kv_cache = self._steps[bucket](self._param_leaves, self.kv_cache, self._put(packed), tensors)
         return self._samplers[bucket.rows](logits, tensors, *self._put(extras)) if extras else sampled
 
     def _put(self, tree):

@@ -52,11 +52,13 @@ class FakeEngine:
     def has_unfinished_requests(self):
         return any(r["finish"] is None for r in self.requests.values())
 
-    def step(self):
+    def step(self, before_schedule=None):
         self.steps += 1
         if self.fail_at_step == self.steps:
             raise RuntimeError("device on fire")
-        time.sleep(self.step_seconds)
+        time.sleep(self.step_seconds)  # the device runs; then, as LLMEngine, take arrivals and plan
+        if before_schedule is not None:
+            before_schedule()
         outputs = []
         for rid, r in list(self.requests.items()):
             if r["finish"] is None:
@@ -116,6 +118,26 @@ def test_outputs_arrive_in_order_and_finish(fake):
         await engine.shutdown()
 
     run(main())
+
+
+def test_requests_arriving_during_a_step_join_the_call_it_plans(fake):
+    """The engine plans its next call inside step(); what arrived meanwhile is handed over just
+    before, so a new request does not wait for one more step (its first token is that step's)."""
+    FakeEngine.step_seconds = 0.1
+    try:
+        async def main():
+            engine = await started()
+            first = await engine.add_request([1], SamplingParams(max_tokens=4))
+            await asyncio.sleep(0.15)  # inside the second step
+            second = await engine.add_request([2], SamplingParams(max_tokens=1))
+            [out] = [o async for o in second]
+            await _drain(first)
+            assert out.outputs[0].token_ids == [2]
+            await engine.shutdown()
+
+        run(main())
+    finally:
+        FakeEngine.step_seconds = 0.002
 
 
 def test_thread_sleeps_while_idle(fake):
