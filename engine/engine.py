@@ -1,11 +1,14 @@
 """The engine: requests in, token deltas out, one step at a time.
 
     plan = scheduler.schedule()        # which sequences, how many tokens, which pages
-    out  = runner.run(plan, ...)       # one compiled step on device, sampled ids back
+    call = runner.dispatch(plan, ...)  # one compiled step queued on the device
+    out  = runner.collect(call)        # its sampled ids back
     scheduler.update(plan, out)        # append tokens, finish on EOS / length
 
-then the output side detokenizes incrementally and applies stop strings. Both the
-offline `LLM` and the server's `AsyncEngine` drive this class.
+then the output side detokenizes incrementally and applies stop strings. `step()` runs
+these verbs shifted by one call, so that the device is never idle while the host
+detokenizes (see its NOTE). Both the offline `LLM` and the server's `AsyncEngine` drive
+this class.
 
 On a mesh with dp data shards, `schedule()` gives one plan per shard (each shard
 has its own scheduler and page pool, engine.data_parallel) and the runner runs
