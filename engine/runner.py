@@ -29,6 +29,7 @@ With several processes (sharding.distributed), process 0 decides each step and
 broadcasts its host inputs; the others execute the same step with them (`follow`).
 """
 
+import itertools
 import logging
 import os
 import time
@@ -313,31 +314,41 @@ class ModelRunner:
         return Bucket(t, min(t, self.max_num_seqs) + 1, p)
 
     def _pack(self, plan: StepPlan, bucket: Bucket, fused: tuple[np.ndarray, np.ndarray] = ()) -> np.ndarray:
-        """The packed host inputs of one shard's plan (and a fused call's src and steps fields)."""
+        """The packed host inputs of one shard's plan (and a fused call's src and steps fields).
+
+        Built with whole-array numpy operations: a Python loop over the rows cost ~2 ms a step
+        at 256 decodes, host time the device waits for."""
         t, b, p, ps = bucket.tokens, bucket.rows, bucket.pages, self.page_size
+        seqs = plan.seqs
+        k = len(seqs)
+        n = np.fromiter((len(s.token_ids) for s in seqs), np.int32, k)  # tokens per row
+        start = np.fromiter((s.start_pos for s in seqs), np.int32, k)
+        num_pages = np.fromiter((len(s.page_ids) for s in seqs), np.int32, k)
+        at = int(n.sum())
+        qsl = np.full(b + 1, at, np.int32)  # rows past the plan's are empty
+        qsl[0] = 0
+        np.cumsum(n, out=qsl[1:k + 1])
+
         tokens = np.zeros(t, np.int32)
         positions = np.zeros(t, np.int32)
         slots = np.arange(t, dtype=np.int32) % ps  # padding writes into page 0, the trash page
         token_seq = np.full(t, b - 1, np.int32)  # padding tokens belong to the spare last row
         tables = np.zeros((b, p), np.int32)
         seq_lens = np.zeros(b, np.int32)
-        qsl = np.zeros(b + 1, np.int32)
         rows = np.zeros(b, np.int32)
-        at = 0
-        for i, s in enumerate(plan.seqs):
-            n = len(s.token_ids)
-            pos = np.arange(s.start_pos, s.start_pos + n, dtype=np.int32)
-            pages = np.asarray(s.page_ids, np.int32)
-            tokens[at:at + n] = s.token_ids
-            positions[at:at + n] = pos
-            slots[at:at + n] = pages[pos // ps] * ps + pos % ps
-            token_seq[at:at + n] = i
-            tables[i, :len(pages)] = pages
-            seq_lens[i] = s.start_pos + n
-            rows[i] = at + n - 1
-            at += n
-            qsl[i + 1] = at
-        qsl[len(plan.seqs) + 1:] = at
+        if k:
+            tokens[:at] = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in seqs), np.int32, at)
+            token_seq[:at] = np.repeat(np.arange(k, dtype=np.int32), n)
+            positions[:at] = np.arange(at, dtype=np.int32) - np.repeat(qsl[:k] - start, n)
+            held = int(num_pages.sum())
+            page_row = np.repeat(np.arange(k), num_pages)
+            page_col = np.arange(held) - np.repeat(np.cumsum(num_pages) - num_pages, num_pages)
+            tables[page_row, page_col] = np.fromiter(
+                itertools.chain.from_iterable(s.page_ids for s in seqs), np.int32, held)
+            pos = positions[:at]
+            slots[:at] = tables[token_seq[:at], pos // ps] * ps + pos % ps
+            seq_lens[:k] = start + n
+            rows[:k] = qsl[1:k + 1] - 1
         return np.concatenate([tokens, positions, slots, token_seq, tables.ravel(), seq_lens, qsl, rows, *fused])
 
     def dispatch(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence],

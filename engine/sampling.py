@@ -130,22 +130,23 @@ class SamplingTensors:
             repetition[i] = p.repetition_penalty
             seed[i] = row.seed % 2**32
             step[i] = row.step
-            bias = p.logit_bias or {}
-            if len(bias) > MAX_LOGIT_BIAS:
-                why = f"has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are supported"
-                raise ParamError("logit_bias", f"logit_bias {why}")
-            ids = [int(k) for k in bias]
-            check_ids(ids, "logit_bias")
-            bias_ids[i, : len(ids)] = ids
-            bias_values[i, : len(ids)] = list(bias.values())
-            sup = [int(s) for s in row.suppress_ids]
-            if len(sup) > MAX_SUPPRESS:
-                raise ValueError(
-                    f"{len(sup)} suppressed ids (EOS + stop_token_ids under min_tokens); "
-                    f"at most {MAX_SUPPRESS} are supported"
-                )
-            check_ids(sup, "stop_token_ids")
-            suppress_ids[i, : len(sup)] = sup
+            if bias := p.logit_bias:
+                if len(bias) > MAX_LOGIT_BIAS:
+                    why = f"has {len(bias)} entries; at most {MAX_LOGIT_BIAS} are supported"
+                    raise ParamError("logit_bias", f"logit_bias {why}")
+                ids = [int(k) for k in bias]
+                check_ids(ids, "logit_bias")
+                bias_ids[i, : len(ids)] = ids
+                bias_values[i, : len(ids)] = list(bias.values())
+            if row.suppress_ids:
+                sup = [int(s) for s in row.suppress_ids]
+                if len(sup) > MAX_SUPPRESS:
+                    raise ValueError(
+                        f"{len(sup)} suppressed ids (EOS + stop_token_ids under min_tokens); "
+                        f"at most {MAX_SUPPRESS} are supported"
+                    )
+                check_ids(sup, "stop_token_ids")
+                suppress_ids[i, : len(sup)] = sup
 
         host = (
             temperature, top_k, top_p, min_p, presence, frequency, repetition,
