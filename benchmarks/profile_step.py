@@ -14,8 +14,10 @@ then a few engine steps run under `jax.profiler.trace`:
 
 The trace's GPU kernels are summed by name and sorted into kinds (attention = our Pallas
 kernels, gemm, KV write (scatter), sampling (sort/top-k/argmax), other fusions), and set
-beside the host's wall time of the same steps: wall - device busy is time the GPU sat idle
-waiting for the host or for launches. Results go to `--out` as JSON and to stdout.
+beside the host's wall time of the same steps: wall - device busy estimates the time the GPU
+sat idle waiting for the host or for launches. It is rough: tracing lengthens kernels (a
+batch-1 decode step traces at ~7% more than its untraced wall time, so the figure can go
+negative). Results go to `--out` as JSON and to stdout.
 """
 
 from __future__ import annotations
