@@ -212,7 +212,8 @@ class LLMEngine:
         outputs, while the device computes. A fused call that can go on is queued behind the
         one in flight before that one is read (`_continue_fused`). Sequences with stop
         strings are decoded before the next call is planned, since their text may end them.
-        `before_schedule` runs right before a schedule() (a server adds what arrived meanwhile).
+        `before_schedule` runs right before a schedule(), and before a fused call would be
+        continued (a server adds what arrived meanwhile).
         """
         if jax.process_index() != 0:
             raise RuntimeError(f"process {jax.process_index()} of a multi-host run only executes process 0's steps: "
@@ -223,6 +224,8 @@ class LLMEngine:
             if self._inflight is None:
                 return self._outputs(touched)
         plans, call = self._inflight
+        if call.fused and before_schedule is not None:
+            before_schedule()  # a request that arrived ends the fused chain, so it waits one call at most
         follow = self._continue_fused(plans, call) if call.fused else None
         later = self._record(plans, self.runner.collect(call), touched)
         if follow is None and before_schedule is not None:

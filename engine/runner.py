@@ -29,6 +29,7 @@ With several processes (sharding.distributed), process 0 decides each step and
 broadcasts its host inputs; the others execute the same step with them (`follow`).
 """
 
+import functools
 import itertools
 import logging
 import os
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental.multihost_utils import broadcast_one_to_all
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
@@ -49,7 +50,7 @@ from engine.sampling import RowParams, SamplingTensors, sample
 from engine.scheduler import StepPlan
 from engine.sequence import Sequence
 from models.attention import AttentionMetadata
-from sharding import DATA, make_mesh, named_sharding
+from sharding import DATA, MODEL, logical_to_spec, make_mesh, named_sharding
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,11 @@ class ModelRunner:
         self._param_shardings = [x.sharding for x in self._param_leaves]
         self._cache_shardings = jax.tree.map(lambda x: x.sharding, kv_cache)
         self._rows = named_sharding(self.mesh, ("batch",))  # leading axis split over data shards
+        # Logits stay split over the vocabulary as the lm_head makes them (when tp divides it): the
+        # sampler merges per-shard results (engine.sampling.Vocab) instead of gathering (B, V) rows.
+        self._logit_spec = logical_to_spec(("batch", "vocab" if self.mesh.shape[MODEL] > 1 else None),
+                                           (self.dp, self.vocab_size), self.mesh)
+        self._logit_rows = NamedSharding(self.mesh, self._logit_spec)
         self._replicated = named_sharding(self.mesh, None)
         self._steps_rows = named_sharding(self.mesh, (None, "batch"))  # (steps, rows) of a fused call
         self._multihost = jax.process_count() > 1
@@ -233,11 +239,12 @@ class ModelRunner:
         return out, kv_cache
 
     def _sample_rows(self, logits, tensors, *extras):
-        """`sample`, each data shard on its own rows (replicated over the model axis: the logits'
-        vocabulary shards are gathered once). Left to XLA, the row-wise sampler would be split
-        over shards and vocabulary, paying a collective for each of its reductions every step."""
-        spec = P(DATA)
-        return jax.shard_map(sample, mesh=self.mesh, in_specs=(spec,) * (2 + len(extras)), out_specs=spec,
+        """`sample`, each data shard on its own rows and, under tensor parallelism, each model shard
+        on its own slice of the vocabulary (merged through (rows, k) collectives). Left to XLA, the
+        row-wise sampler would pay a collective for each of its reductions, or gather the logits."""
+        axis = self._logit_spec[1]
+        return jax.shard_map(functools.partial(sample, vocab_axis=axis), mesh=self.mesh,
+                             in_specs=(self._logit_spec,) + (P(DATA),) * (1 + len(extras)), out_specs=P(DATA),
                              check_vma=False)(logits, tensors, *extras)
 
     def _packed_len(self, bucket: Bucket, fused: bool = False) -> int:
@@ -253,7 +260,7 @@ class ModelRunner:
         jobs = []  # (table, key, lowered)
         step = jax.jit(self._step_fn, static_argnums=(4,), donate_argnums=(1,),
                        in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._rows),
-                       out_shardings=(self._replicated, self._rows, self._cache_shardings))
+                       out_shardings=(self._replicated, self._logit_rows, self._cache_shardings))
         for bucket in self.buckets():
             packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket)), jnp.int32)
             tensors = _abstract(self._sampler_inputs(bucket.rows, False)[0])
@@ -262,7 +269,8 @@ class ModelRunner:
             logits = jax.ShapeDtypeStruct((self.dp * r, self.vocab_size), jnp.float32)
             others = _abstract(self._sampler_inputs(r, True))
             args = (logits, *others)
-            sampler = jax.jit(self._sample_rows, in_shardings=(self._rows,) * len(args), out_shardings=self._replicated)
+            sampler = jax.jit(self._sample_rows, in_shardings=(self._logit_rows,) + (self._rows,) * len(others),
+                              out_shardings=self._replicated)
             jobs.append((self._samplers, r, sampler.lower(*args)))
         fused_step = jax.jit(self._fused_fn, static_argnums=(5, 6), donate_argnums=(1,),
                              in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._rows,

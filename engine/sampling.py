@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.extend.random import threefry2x32_p
 from jaxtyping import Array, Bool, Float, Int, UInt32
 
 from engine.params import MAX_LOGPROBS, ParamError, SamplingParams
@@ -165,9 +166,71 @@ class SampleOutput:
     top_logprobs: Float[Array, "B K"]  # their raw logprobs
 
 
-def _drop_negative(ids: Int[Array, "B N"], vocab: int) -> Int[Array, "B N"]:
-    """Map -1 padding past the end, so scatters with mode="drop" skip it (jnp wraps -1)."""
-    return jnp.where(ids >= 0, ids, vocab)
+@dataclass(frozen=True)
+class Vocab:
+    """The slice of the vocabulary these logits hold: ids [start, start + size) of `total`.
+
+    Inside a shard_map whose logits are split over mesh axis `axis` (tensor parallelism
+    splits the lm_head's columns), every reduction over the vocabulary is a local one
+    merged through a collective of (B,) or (B, k) values, so the (B, V) logits are never
+    gathered; with `axis` None (`Vocab.of`'s default) it is the whole vocabulary and the
+    merges are no-ops. Ties everywhere go to the lower token id, as jnp.argmax and
+    lax.top_k break them on one device.
+    """
+
+    axis: str | None
+    start: Int[Array, ""] | int
+    size: int
+    total: int
+
+    @classmethod
+    def of(cls, size: int, axis: str | None = None) -> Vocab:
+        if axis is None:
+            return cls(None, 0, size, size)
+        return cls(axis, jax.lax.axis_index(axis) * size, size, size * jax.lax.axis_size(axis))
+
+    def local(self, ids: Int[Array, "B N"]) -> Int[Array, "B N"]:
+        """Global ids as columns of this slice; ids elsewhere (and -1 padding) map past its end,
+        where scatters with mode="drop" skip them."""
+        col = ids - self.start
+        return jnp.where((col >= 0) & (col < self.size), col, self.size)
+
+    def max(self, x: Float[Array, "B V"]) -> Float[Array, " B"]:
+        m = jnp.max(x, axis=-1)
+        return m if self.axis is None else jax.lax.pmax(m, self.axis)
+
+    def logsumexp(self, x: Float[Array, "B V"]) -> Float[Array, " B"]:
+        m = self.max(x)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        s = jnp.sum(jnp.exp(x - m[:, None]), axis=-1)
+        return jnp.log(s if self.axis is None else jax.lax.psum(s, self.axis)) + m
+
+    def take(self, x: Float[Array, "B V"], ids: Int[Array, " B"]) -> Float[Array, " B"]:
+        """x at each row's global id."""
+        col = self.local(ids[:, None])  # (B, 1)
+        v = jnp.where(col < self.size, jnp.take_along_axis(x, jnp.minimum(col, self.size - 1), axis=-1), 0.0)[:, 0]
+        return v if self.axis is None else jax.lax.psum(v, self.axis)
+
+    def argmax(self, x: Float[Array, "B V"]) -> Int[Array, " B"]:
+        i = jnp.argmax(x, axis=-1)
+        if self.axis is None:
+            return i
+        v = jnp.take_along_axis(x, i[:, None], axis=-1)  # (B, 1)
+        vs, ids = (jax.lax.all_gather(a, self.axis, axis=1, tiled=True) for a in (v, i[:, None] + self.start))
+        return jnp.take_along_axis(ids, jnp.argmax(vs, axis=-1)[:, None], axis=-1)[:, 0]  # first shard wins ties
+
+    def top_k(self, x: Float[Array, "B V"], k: int) -> tuple[Float[Array, "B K"], Int[Array, "B K"]]:
+        """lax.top_k over the whole vocabulary (global ids): each slice's k best, then the k best of those."""
+        values, ids = top_k_exact(x, min(k, self.size))
+        if self.axis is None:
+            return values, ids
+        values, ids = (jax.lax.all_gather(a, self.axis, axis=1, tiled=True) for a in (values, ids + self.start))
+        values, j = jax.lax.top_k(values, k)  # candidates are in id order per value: ties keep the lower id
+        return values, jnp.take_along_axis(ids, j, axis=-1)
+
+    def gather(self, x: Float[Array, "B V"]) -> Float[Array, "B V"]:
+        """The whole rows (only where a full sort cannot be avoided)."""
+        return x if self.axis is None else jax.lax.all_gather(x, self.axis, axis=1, tiled=True)
 
 
 def process_logits(
@@ -175,6 +238,7 @@ def process_logits(
     t: SamplingTensors,
     history: Int[Array, "B H"] | None = None,
     num_prompt: Int[Array, " B"] | None = None,
+    vocab: Vocab | None = None,
 ) -> Float[Array, "B V"]:
     """Steps 1-2: logit_bias and suppress_ids, then penalties when `history` is given.
 
@@ -183,15 +247,16 @@ def process_logits(
     seen token (prompt and output), presence and frequency only the output.
     """
     b, v = logits.shape
+    vocab = vocab or Vocab.of(v)
     rows = jnp.arange(b)[:, None]  # (B, 1)
     z = logits.astype(jnp.float32)
-    z = z.at[rows, _drop_negative(t.bias_ids, v)].add(t.bias_values, mode="drop")
-    z = z.at[rows, _drop_negative(t.suppress_ids, v)].set(-jnp.inf, mode="drop")
+    z = z.at[rows, vocab.local(t.bias_ids)].add(t.bias_values, mode="drop")
+    z = z.at[rows, vocab.local(t.suppress_ids)].set(-jnp.inf, mode="drop")
     if history is None:
         return z
     if num_prompt is None:
         raise ValueError("penalties need num_prompt alongside history")
-    ids = _drop_negative(history, v)  # (B, H)
+    ids = vocab.local(history)  # (B, H)
     is_output = jnp.arange(history.shape[1])[None, :] >= num_prompt[:, None]  # (B, H)
     seen = jnp.zeros((b, v), bool).at[rows, ids].set(True, mode="drop")  # (B, V)
     counts = jnp.zeros((b, v), jnp.float32).at[rows, jnp.where(is_output, ids, v)].add(1.0, mode="drop")
@@ -226,7 +291,7 @@ def top_k_exact(
 
 
 def _top_k_top_p_threshold(
-    z: Float[Array, "B V"], top_k: Int[Array, " B"], top_p: Float[Array, " B"], c: int
+    z: Float[Array, "B V"], top_k: Int[Array, " B"], top_p: Float[Array, " B"], c: int, vocab: Vocab | None = None
 ) -> tuple[Float[Array, " B"], Bool[Array, " B"]]:
     """The smallest logit each row keeps under top-k then top-p, ranking only its c best.
 
@@ -234,13 +299,14 @@ def _top_k_top_p_threshold(
     a row is decided if top-k cuts inside them (top-p then renormalises over the
     top-k set, all inside them) or, with top-k off, if they hold top_p of the mass.
     """
-    v = z.shape[-1]
-    s = -jnp.sort(-z, axis=-1) if c >= v else top_k_exact(z, c)[0]  # (B, C) descending
+    vocab = vocab or Vocab.of(z.shape[-1])
+    v = vocab.total
+    s = -jnp.sort(-vocab.gather(z), axis=-1) if c >= v else vocab.top_k(z, c)[0]  # (B, C) descending
     k = jnp.where((top_k > 0) & (top_k < v), top_k, v)  # (B,) tokens top-k keeps
     s_k = jnp.where(jnp.arange(c)[None, :] < k[:, None], s, -jnp.inf)
     log_norm = jax.nn.logsumexp(s_k, axis=-1)  # (B,) mass of the top-k set
     if c < v:
-        log_norm = jnp.where(k <= c, log_norm, jax.nn.logsumexp(z, axis=-1))
+        log_norm = jnp.where(k <= c, log_norm, vocab.logsumexp(z))
     p = jnp.exp(s_k - log_norm[:, None])  # (B, C) top-k renormalised, sorted
     cum = jnp.cumsum(p, axis=-1)
     # top-p keeps the smallest prefix reaching top_p: tokens whose mass above is < top_p
@@ -258,6 +324,7 @@ def filter_mask(
     min_p: Float[Array, " B"],
     *,
     candidates: int = TOP_CANDIDATES,
+    vocab: Vocab | None = None,
 ) -> Bool[Array, "B V"]:
     """Tokens that survive top-k, top-p and min-p on temperature-scaled logits `z`.
 
@@ -268,16 +335,17 @@ def filter_mask(
     renormalise, since the best token is always kept: z >= max(z) + log(min_p).
     Tokens tied with the last kept one are all kept; tokens at -inf never are.
     """
-    b, v = z.shape
-    keep = (z > -jnp.inf) & (z >= jnp.max(z, axis=-1, keepdims=True) + jnp.log(min_p)[:, None])
+    vocab = vocab or Vocab.of(z.shape[-1])
+    b, v = z.shape[0], vocab.total
+    keep = (z > -jnp.inf) & (z >= vocab.max(z)[:, None] + jnp.log(min_p)[:, None])
 
     def cut() -> Float[Array, " B"]:
-        threshold, decided = _top_k_top_p_threshold(z, top_k, top_p, min(candidates, v))
+        threshold, decided = _top_k_top_p_threshold(z, top_k, top_p, min(candidates, v), vocab)
         # undecided rows alone take the sorted answer, so no row depends on its neighbours
         return jax.lax.cond(
             jnp.all(decided),
             lambda: threshold,
-            lambda: jnp.where(decided, threshold, _top_k_top_p_threshold(z, top_k, top_p, v)[0]),
+            lambda: jnp.where(decided, threshold, _top_k_top_p_threshold(z, top_k, top_p, v, vocab)[0]),
         )
 
     needs_cut = ((top_k > 0) & (top_k < v)) | (top_p < 1)  # (B,)
@@ -285,21 +353,30 @@ def filter_mask(
     return keep & (z >= threshold[:, None])
 
 
-def _gumbel(seed: UInt32[Array, " B"], step: Int[Array, " B"], vocab: int) -> Float[Array, "B V"]:
-    """Row b's noise depends only on (seed[b], step[b])."""
+def _gumbel(seed: UInt32[Array, " B"], step: Int[Array, " B"], vocab: Vocab) -> Float[Array, "B V"]:
+    """Row b's noise at the ids of `vocab`: jax.random.gumbel(fold_in(key(seed[b]), step[b]), (total,))
+    sliced to them, drawn for those ids alone (threefry is a counter-based generator, and with
+    jax's default partitionable threefry the draw of id i takes counter i)."""
+    counters = (vocab.start + jnp.arange(vocab.size)).astype(jnp.uint32)  # (V,)
+    tiny = jnp.finfo(jnp.float32).tiny
 
     def row(s, n):
-        return jax.random.gumbel(jax.random.fold_in(jax.random.key(s), n), (vocab,), jnp.float32)
+        k1, k2 = jax.random.key_data(jax.random.fold_in(jax.random.key(s), n))
+        b1, b2 = threefry2x32_p.bind(k1, k2, jnp.zeros_like(counters), counters)
+        mantissa = jax.lax.shift_right_logical(b1 ^ b2, jnp.uint32(9)) | jnp.uint32(0x3F800000)
+        u = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0  # [0, 1)
+        return -jnp.log(-jnp.log(jnp.maximum(tiny, u * (1.0 - tiny) + tiny)))
 
     return jax.vmap(row)(seed, step)
 
 
-def _sample_tokens(z: Float[Array, "B V"], t: SamplingTensors, greedy: Bool[Array, " B"]) -> Int[Array, " B"]:
+def _sample_tokens(z: Float[Array, "B V"], t: SamplingTensors, greedy: Bool[Array, " B"],
+                   vocab: Vocab) -> Int[Array, " B"]:
     """Steps 3-5; greedy rows get no noise, so their argmax is that of `z`."""
     zt = z / jnp.where(greedy, 1.0, t.temperature)[:, None]  # (B, V)
-    keep = filter_mask(zt, t.top_k, t.top_p, t.min_p)
-    noise = jnp.where(greedy[:, None], 0.0, _gumbel(t.seed, t.step, z.shape[-1]))
-    return jnp.argmax(jnp.where(keep, zt + noise, -jnp.inf), axis=-1)
+    keep = filter_mask(zt, t.top_k, t.top_p, t.min_p, vocab=vocab)
+    noise = jnp.where(greedy[:, None], 0.0, _gumbel(t.seed, t.step, vocab))
+    return vocab.argmax(jnp.where(keep, zt + noise, -jnp.inf))
 
 
 def sample(
@@ -309,21 +386,25 @@ def sample(
     num_prompt: Int[Array, " B"] | None = None,
     *,
     num_top_logprobs: int = MAX_LOGPROBS,
+    vocab_axis: str | None = None,
 ) -> SampleOutput:
     """Sample one token per row; jit-compatible, `num_top_logprobs` static.
 
     Pass `history` and `num_prompt` (see `process_logits`) only when some row uses
-    penalties; without them no penalty work is traced at all.
+    penalties; without them no penalty work is traced at all. Inside a shard_map whose
+    logits are split over the vocabulary on mesh axis `vocab_axis`, every shard returns
+    the same whole answer (see `Vocab`).
     """
     raw = logits.astype(jnp.float32)  # (B, V)
-    lse = jax.nn.logsumexp(raw, axis=-1)  # (B,)
-    z = process_logits(raw, t, history, num_prompt)
+    vocab = Vocab.of(raw.shape[-1], vocab_axis)
+    lse = vocab.logsumexp(raw)  # (B,)
+    z = process_logits(raw, t, history, num_prompt, vocab)
     greedy = (t.temperature < GREEDY_BELOW) | (t.top_k == 1)  # (B,)
     token_ids = jax.lax.cond(
         jnp.all(greedy),
-        lambda: jnp.argmax(z, axis=-1),
-        lambda: _sample_tokens(z, t, greedy),
+        lambda: vocab.argmax(z),
+        lambda: _sample_tokens(z, t, greedy, vocab),
     ).astype(jnp.int32)  # (B,)
-    logprobs = jnp.take_along_axis(raw, token_ids[:, None], axis=-1)[:, 0] - lse
-    top_values, top_ids = top_k_exact(raw, min(num_top_logprobs, raw.shape[-1]))  # (B, K)
+    logprobs = vocab.take(raw, token_ids) - lse
+    top_values, top_ids = vocab.top_k(raw, min(num_top_logprobs, vocab.total))  # (B, K)
     return SampleOutput(token_ids, logprobs, top_ids.astype(jnp.int32), top_values - lse[:, None])

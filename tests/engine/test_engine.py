@@ -189,3 +189,23 @@ def test_pipelined_decode_matches_single_steps():
         got, want = pipelined[f"r{i}"], single[f"r{i}"]
         assert (got.token_ids, got.finish_reason, got.stop_reason) == (want.token_ids, want.finish_reason, want.stop_reason)
     assert [len(single[f"r{i}"].token_ids) for i in range(4)] == [6, 11, 16, 22]
+
+
+def test_a_request_arriving_during_fused_decode_joins_the_next_call():
+    """While a fused decode call runs, what the server hands over (before_schedule) stops the
+    chain of fused calls: the next call queued is a plain step that carries the newcomer."""
+    folder = GOLDEN / "tiny" / "llama3"
+    cases = json.loads((folder / "greedy.json").read_text())["cases"]
+    engine = LLMEngine(EngineConfig(model=str(folder), tokenizer=str(default_model_path()), dtype="float32",
+                                    num_pages=64, max_model_len=64, decode_steps=2, **{**SMALL, "max_num_seqs": 3}),
+                       progress=False)
+    engine.add_request("a", cases[0]["prompt_ids"], greedy(20))
+    engine.add_request("b", cases[1]["prompt_ids"], greedy(20))
+    while not (engine._inflight and engine._inflight[1].fused):
+        engine.step()
+    engine.step()  # a fused call reads the one before it; the chain goes on without newcomers
+    assert engine._inflight[1].fused
+    arrivals = [("late", cases[2]["prompt_ids"], greedy(2))]
+    engine.step(before_schedule=lambda: arrivals and engine.add_request(*arrivals.pop()))
+    _, call = engine._inflight
+    assert not call.fused and "late-0" in {s.seq_id for _, s in call.scheduled}

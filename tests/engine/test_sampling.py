@@ -251,3 +251,64 @@ def test_build_pads_and_refuses_what_does_not_fit():
         SamplingTensors.build([row(logit_bias={100: 1.0})], 1, vocab_size=100)
     with pytest.raises(ValueError, match="do not fit"):
         SamplingTensors.build([None, None], 1)
+
+
+@pytest.mark.parametrize("shards, v", [(4, 320), (2, 1408)])
+def test_vocabulary_shards_sample_like_one_device(shards, v):
+    """Logits split over the vocabulary (tensor parallelism) give the same tokens, top ids and
+    logprobs as the whole rows, for every sampler feature: merges of the per-shard max, sum,
+    top-k and Gumbel argmax; a cut among the candidates and the full-sort fallback; bias,
+    suppress and penalty ids that land on other shards. v = 1408 gives each shard more than
+    20 chunks, so the chunked top-k runs per shard too."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    b, h = 12, 10
+    rng = np.random.default_rng(11)
+    logits = random_logits(b, v, seed=12)
+    logits[3, :] = 0.05 * logits[3, :]  # a flat row: its nucleus is wider than the candidates
+    logits[4, [7, v - 3]] = 9.0  # a tie across shards: the lower id wins
+    far = v - 5  # an id on the last shard
+    rows = [
+        row(temperature=0.0),
+        row(seed=1, step=4, temperature=1.0),
+        row(seed=2, step=1, temperature=0.7, top_k=5, logit_bias={far: 3.0, 2: -1.0}),
+        row(seed=3, step=9, temperature=1.0, top_p=0.97),
+        row(temperature=0.0),
+        row(seed=5, step=2, temperature=1.2, top_k=TOP_CANDIDATES + 20),
+        row(seed=6, step=0, temperature=0.9, min_p=0.05, suppress=(int(logits[6].argmax()), far)),
+        row(seed=7, step=5, temperature=1.0, top_p=0.6, repetition_penalty=1.4, presence_penalty=0.5),
+        row(seed=8, step=3, temperature=0.5, frequency_penalty=0.8),
+        None,
+        row(seed=10, step=1, top_k=40, top_p=0.8, min_p=0.01),
+        row(temperature=0.0, logit_bias={far: 50.0}),
+    ]
+    history = np.full((b, h), -1, np.int32)
+    history[:, :6] = rng.integers(0, v, (b, 6))
+    num_prompt = np.full(b, 3, np.int32)
+    t = SamplingTensors.build(rows, b)
+    mesh = Mesh(np.array(jax.devices()[:shards]), ("vocab",))
+
+    def sharded(*args):
+        spec = (P(None, "vocab"),) + (P(),) * (len(args) - 1)
+        f = jax.shard_map(lambda *a: sample(*a, vocab_axis="vocab"), mesh=mesh, in_specs=spec, out_specs=P(),
+                          check_vma=False)
+        return jax.jit(f)(*args)
+
+    for extras in ((), (history, num_prompt)):
+        want = sample_jit(logits, t, *extras)
+        got = sharded(jnp.asarray(logits), t, *extras)
+        np.testing.assert_array_equal(np.asarray(got.token_ids), np.asarray(want.token_ids))
+        np.testing.assert_array_equal(np.asarray(got.top_ids), np.asarray(want.top_ids))
+        np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(got.top_logprobs), np.asarray(want.top_logprobs), rtol=1e-5, atol=1e-5)
+    assert int(got.token_ids[4]) == 7 and int(got.token_ids[11]) == far
+
+
+def test_noise_of_a_vocabulary_slice_is_jax_random_gumbel_sliced():
+    from engine.sampling import Vocab, _gumbel
+
+    seed, step = jnp.array([0, 7, 2**32 - 1], jnp.uint32), jnp.array([0, 3, 99])
+    got = _gumbel(seed, step, Vocab(None, 10, 50, 300))
+    want = [jax.random.gumbel(jax.random.fold_in(jax.random.key(s), n), (300,), jnp.float32)[10:60]
+            for s, n in zip(seed, step)]
+    np.testing.assert_array_equal(np.asarray(got), np.stack(want))

@@ -8,6 +8,7 @@ cache and the weights live and that nothing compiles after warm-up.
 """
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from parallel_workload import SMALL, run_workload
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from engine.sampling import TOP_CANDIDATES
 from models.default import default_model_path
 from sharding import MeshError
 
@@ -114,14 +116,36 @@ def test_fused_decode_on_a_mesh_matches_one_device(one_device, dp, tp):
     engine.runner.dispatch_fused = lambda *a, **kw: fused.append(1) or dispatch_fused(*a, **kw)
     assert _run_without_compiling(engine) == one_device
     assert fused, "no step was fused"
-    # Collectives of a fused call: the model's own all-reduces over the model axis (two a layer,
-    # one for the vocabulary-split embedding), one gather of the logits' vocabulary shards for the
-    # sampler, and the gathers of the call's outputs; the row-wise sampler and the per-shard
-    # bookkeeping add none (left to XLA they cost about ten per step).
-    layers = engine.model_config.num_layers
+    # Collectives of a fused call: the model's all-reduces of (tokens, hidden) activations over the
+    # model axis (two a layer, one for the vocabulary-split embedding); the sampler's merges of its
+    # vocabulary shards' results, none wider than (rows, shards x candidates), but for one gather
+    # of the logits that only the full-sort fallback runs; and the gathers of the call's outputs.
+    # Left to XLA, the row-wise sampler would gather the logits every step, or pay a collective
+    # per reduction.
+    layers, cfg = engine.model_config.num_layers, engine.model_config
     for exe in engine.runner._fused.values():
-        hlo = exe.as_text()
-        all_reduces = len(re.findall(r"= \S+ all-reduce(?:-start)?\(", hlo))
-        all_gathers = len(re.findall(r"= \S+ all-gather(?:-start)?\(", hlo))
-        assert all_reduces == (2 * layers + 1 if tp > 1 else 0), hlo.count("all-reduce")
-        assert all_gathers <= 4 + (tp > 1), all_gathers  # token ids, logprobs, top ids, top logprobs
+        found = [(kind, [int(d) for d in dims.split(",") if d])
+                 for dims, kind in re.findall(r"= \w+\[([\d,]*)\]\S* (all-reduce|all-gather)(?:-start)?\(", exe.as_text())]
+        activations = [dims for kind, dims in found if kind == "all-reduce" and dims[-1:] == [cfg.hidden_size]]
+        whole_rows = [kind for kind, dims in found if cfg.vocab_size in dims]
+        rest = [dims for kind, dims in found if dims[-1:] != [cfg.hidden_size] and cfg.vocab_size not in dims]
+        assert len(activations) == (2 * layers + 1 if tp > 1 else 0), activations
+        assert whole_rows == (["all-gather"] if tp > 1 else []), whole_rows
+        assert all(_in_a_branch(exe.as_text(), f"{cfg.vocab_size}]") for _ in whole_rows)
+        assert max(math.prod(dims) for dims in rest) <= runner_rows(engine) * 2 * tp * TOP_CANDIDATES, rest
+
+
+def runner_rows(engine) -> int:
+    """Sampler rows of the widest fused call, over all data shards and steps."""
+    return engine.runner.decode_steps * engine.runner.dp * max(bk.rows for bk in engine.runner._fused)
+
+
+def _in_a_branch(hlo: str, shape: str) -> bool:
+    """Whether the all-gather whose shape holds `shape` lies in a computation only a conditional runs."""
+    computation = None
+    for line in hlo.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            computation = line.split()[0].lstrip("%")
+        elif "all-gather" in line and shape in line:
+            return bool(re.search(rf"branch_computations={{[^}}]*%{re.escape(computation)}[,}}]", hlo))
+    raise AssertionError(f"no all-gather of {shape}")
