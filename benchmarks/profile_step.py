@@ -44,6 +44,10 @@ KINDS = (  # first match wins; names are GPU kernel names (Pallas kernels carry 
 )
 
 
+HOST_EVENTS = re.compile(r" (step|_dispatch|dispatch|dispatch_fused|collect|_record|_emit|_outputs|schedule|_pack|build|"
+                         r"_execute|_put|_host|result)$|Execute|Transfer|Await|Compile", re.I)
+
+
 def kind_of(name: str) -> str:
     return next((k for k, pattern in KINDS if pattern.search(name)), "other")
 
@@ -67,6 +71,43 @@ def device_kernels(trace_dir: str) -> dict[str, dict]:
                     t["ms"] += ev.duration_ns / 1e6
                     t["count"] += 1
     return {name: {"ms": t["ms"] / gpus, "count": t["count"] / gpus} for name, t in totals.items()}
+
+
+def timeline(trace_dir: str, top: int = 10) -> dict:
+    """Where the GPU sat idle inside a trace, for one GPU: its span from the first kernel's start to
+    the last one's end, the longest gaps between kernels (with the kernels on either side), and the
+    host's engine and XLA events of interest over 20 us (thread, start relative to the first kernel),
+    to see what the GPU waited for."""
+    from jax.profiler import ProfileData
+
+    kernels, host = [], []
+    for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
+        for plane in ProfileData.from_file(path).planes:
+            if plane.name.startswith("/device:GPU"):
+                if kernels:
+                    continue  # one GPU is enough
+                lines = [ln for ln in plane.lines if ln.name.startswith("Stream")] or list(plane.lines)
+                kernels = sorted((ev.start_ns, ev.start_ns + ev.duration_ns, ev.name) for ln in lines for ev in ln.events)
+            elif plane.name.startswith("/host"):
+                host += [(ev.start_ns, ev.duration_ns, ev.name, ln.name) for ln in plane.lines for ev in ln.events]
+    if not kernels:
+        return {}
+    t0 = kernels[0][0]
+    gaps, end, prev = [], kernels[0][1], kernels[0][2]
+    for start, stop, name in kernels[1:]:
+        if start > end:
+            gaps.append((start - end, end, prev, name))
+        if stop > end:
+            end, prev = stop, name
+    gaps.sort(reverse=True)
+    return {
+        "device_span_ms": (end - t0) / 1e6,
+        "gap_ms": sum(g[0] for g in gaps) / 1e6,
+        "longest_gaps": [{"ms": g / 1e6, "at_ms": (at - t0) / 1e6, "after": a[:80], "before": b[:80]}
+                         for g, at, a, b in gaps[:top]],
+        "host_events": [{"name": n[:100], "thread": th[:40], "start_ms": (st - t0) / 1e6, "ms": d / 1e6}
+                        for st, d, n, th in sorted(h for h in host if HOST_EVENTS.search(h[2]) and h[1] > 20_000)][:60],
+    }
 
 
 def summarize(kernels: dict[str, dict], wall_ms: float, steps: int) -> dict:
@@ -125,7 +166,8 @@ def profile_decode(engine, batch: int, context: int, trace_dir: str, num_steps: 
     ids = _decoding(engine, batch, context)
     wall, steps = traced(engine, trace_dir, num_steps)
     _finish(engine, ids)
-    return {"workload": f"decode, batch {batch}, context ~{context}", **summarize(device_kernels(trace_dir), wall, steps)}
+    return {"workload": f"decode, batch {batch}, context ~{context}", **summarize(device_kernels(trace_dir), wall, steps),
+            "timeline": timeline(trace_dir)}
 
 
 def profile_mixed(engine, batch: int, context: int, trace_dir: str) -> dict:
@@ -161,7 +203,7 @@ def profile_prefill(engine, length: int, trace_dir: str) -> dict:
                 steps += 1
             wall = (time.perf_counter() - t0) * 1e3
     return {"workload": f"one prompt of {length} tokens, first token (TTFT)",
-            **summarize(device_kernels(trace_dir), wall, steps)}
+            **summarize(device_kernels(trace_dir), wall, steps), "timeline": timeline(trace_dir)}
 
 
 def main() -> None:

@@ -15,6 +15,7 @@
 #              all at once, at most 32 in flight (needs the .whl wheels: starlette, uvicorn)
 #   profile8b  benchmarks/profile_step.py on the 8B engine: GPU time per kernel kind of a batch-1 and a
 #              batch-192 decode step, a step where a prompt joins 191 decodes, and the TTFT step
+#              (PROFILE_ARGS replaces its workload flags), with a timeline of the TTFT and decode traces
 #   attention  benchmarks/attention.py (profile8b and attention are not in the default list)
 #
 # BUDGET_8B / BUDGET_1B (seconds, default 75 / 60) bound the offline runs: N is lowered from 1000
@@ -88,7 +89,7 @@ budget8b=${BUDGET_8B:-75} budget1b=${BUDGET_1B:-60}  # seconds the offline run m
 peer8b=(--batch1 128x128 --ttft-input-len 1024 --cb 32x1024x128 --repeats 2)
 peer1b=(--batch1 128x128 --ttft-input-len 1024 --cb 64x1024x128 --repeats 2)
 served=(--num-prompts 200 --input-len 1024 --output-len 128 --max-concurrency 32)
-profiled=(--batch 1 --batch 192 --mixed 191 --context 1024 --prefill 1024)
+read -ra profiled <<< "${PROFILE_ARGS:---batch 1 --batch 192 --mixed 191 --context 1024 --prefill 1024}"
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then  # every stage at toy sizes on the "tiny" preset: checks this script on a CPU
   small=(--model tiny --max-model-len 256 --max-num-batched-tokens 64 --token-buckets 16,64 --page-buckets 16)
   m8=tiny m1=tiny vocab=49152
