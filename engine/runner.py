@@ -2,17 +2,19 @@
 
 NOTE: every step is padded up to a fixed bucket (tokens T, rows B, block-table
 width P) so that a small set of executables, all compiled during warm-up, serves
-any plan. The step's integer metadata travels as one packed host array (one
-transfer), its sampling parameters as one more; sampling runs inside the step (a
-separate penalty sampler reruns it on the returned logits only when a row uses
-penalties). The KV cache is donated to every call, so it is updated in place and
+any plan. The step's integer metadata and its rows' sampling parameters travel as
+one packed host array (one transfer: each small device_put costs the host ~0.2 ms);
+sampling runs inside the step (a separate penalty sampler reruns it on the returned
+logits only when a row uses penalties). The KV cache is donated to every call, so it is updated in place and
 the runner holds the only reference to it.
 
 Packed int32 layout of one step (offsets are static per bucket), one row per data shard:
 
-    [ tokens T | positions T | slots T | token_seq T | block_tables B*P | seq_lens B | qsl B+1 | logit_rows B ]
+    [ tokens T | positions T | slots T | token_seq T | block_tables B*P | seq_lens B | qsl B+1 | logit_rows B
+      (| src T | steps B, of a fused call) | sampling B*W ]
 
-A fused decode call appends [ src T | steps B ]: token i's input is the last token the
+sampling holds the rows' SamplingTensors.pack (W = PACKED_WIDTH int32 columns a row).
+In a fused decode call, token i's input is the last token the
 previous fused call sampled in row src[i] (when src[i] >= 0), which lets the host queue
 call N+1 before it has read call N's tokens (engine.LLMEngine pipelines decode this way);
 row b decodes in the first steps[b] steps of the call and idles after (it reached its length).
@@ -20,8 +22,8 @@ row b decodes in the first steps[b] steps of the call and idles after (it reache
 NOTE: on a ("data", "model") mesh every array has a fixed sharding, given to the
 compiled steps as explicit in/out shardings, so nothing moves or recompiles
 between steps: params and the KV cache as `sharding.rules` places them, the
-packed metadata (dp, L) and the logits and sampling rows (dp * B, ...) split
-over the data axis. Data shard d runs plans[d]: its own T tokens and B rows over
+packed metadata (dp, L) and the sampled rows (dp * B, ...) split
+over the data axis, the logits (dp * B, V) over data and, with tp, vocabulary. Data shard d runs plans[d]: its own T tokens and B rows over
 its own pages, with local page ids; the model's projections see dp * T tokens
 split over the data axis, and attention runs per shard (models.sharded_attention).
 
@@ -46,7 +48,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from engine.sampling import RowParams, SamplingTensors, sample
+from engine.sampling import PACKED_WIDTH, RowParams, SamplingTensors, sample
 from engine.scheduler import StepPlan
 from engine.sequence import Sequence
 from models.attention import AttentionMetadata
@@ -166,16 +168,16 @@ class ModelRunner:
         return [bk for bk in self.buckets() if bk.tokens <= largest]
 
     def _unpack(self, packed, bucket: Bucket, fused: bool = False):
-        """(dp, L) packed rows -> flat tokens and metadata over all shards, the logit rows (and, for a
-        fused call, the src and steps fields)."""
+        """(dp, L) packed rows -> flat tokens and metadata over all shards, the logit rows, the
+        sampling tensors (and, for a fused call, the src and steps fields)."""
         t, b, p = bucket.tokens, bucket.rows, bucket.pages
         dp = packed.shape[0]  # packed: (dp, L), one row per data shard
         sizes = [t, t, t, t, b * p, b, b + 1, b] + ([t, b] if fused else [])
-        fields = jnp.split(packed, np.cumsum(sizes)[:-1], axis=1)
+        *fields, sampling = jnp.split(packed, np.cumsum(sizes), axis=1)
         tokens, positions, slots, token_seq, tables, seq_lens, qsl, rows, *src = (f.reshape(-1) for f in fields)
         meta = AttentionMetadata(positions=positions, slot_mapping=slots, token_seq=token_seq,
                                  block_tables=tables.reshape(dp * b, p), seq_lens=seq_lens, query_start_loc=qsl)
-        return (tokens, meta, rows, *src)
+        return (tokens, meta, rows, SamplingTensors.unpack(sampling.reshape(dp * b, PACKED_WIDTH)), *src)
 
     def _logits(self, model, hidden, rows, bucket: Bucket):
         """(dp * B, V) float32 logits of each row's last token."""
@@ -183,16 +185,16 @@ class ModelRunner:
         last = jnp.take_along_axis(hidden.reshape(dp, bucket.tokens, -1), rows.reshape(dp, bucket.rows, 1), axis=1)
         return model.logits(last.reshape(dp * bucket.rows, -1))
 
-    def _step_fn(self, param_leaves, kv_cache, packed, tensors, bucket: Bucket):
+    def _step_fn(self, param_leaves, kv_cache, packed, bucket: Bucket):
         """One step and its sampling (without penalties); the logits come back too, for the
         penalty sampler when some row uses penalties (it then replaces the sampled tokens)."""
-        tokens, meta, rows = self._unpack(packed, bucket)
+        tokens, meta, rows, tensors = self._unpack(packed, bucket)
         model = nnx.merge(self.graphdef, jax.tree.unflatten(self._param_tree, param_leaves))
         hidden, kv_cache = model(tokens, kv_cache, meta)  # (dp * T, E)
         logits = self._logits(model, hidden, rows, bucket)
         return self._sample_rows(logits, tensors), logits, kv_cache
 
-    def _fused_fn(self, param_leaves, kv_cache, packed, tensors, prev, bucket: Bucket, steps: int):
+    def _fused_fn(self, param_leaves, kv_cache, packed, prev, bucket: Bucket, steps: int):
         """`steps` decode steps in one call: each row's sampled token is the next step's input.
 
         Only for plans of decodes (token i of shard d is row i), with pages already held
@@ -202,7 +204,7 @@ class ModelRunner:
         page. Returns (steps, dp * B) token ids and logprobs, (steps, dp * B, K) top
         logprobs, and the cache.
         """
-        tokens, meta, rows, src, row_steps = self._unpack(packed, bucket, fused=True)
+        tokens, meta, rows, tensors, src, row_steps = self._unpack(packed, bucket, fused=True)
         tokens = jnp.where(src >= 0, prev[-1][jnp.maximum(src, 0)], tokens)
         model = nnx.merge(self.graphdef, jax.tree.unflatten(self._param_tree, param_leaves))
         t, b, ps = bucket.tokens, bucket.rows, self.page_size
@@ -247,8 +249,13 @@ class ModelRunner:
                              in_specs=(self._logit_spec,) + (P(DATA),) * (1 + len(extras)), out_specs=P(DATA),
                              check_vma=False)(logits, tensors, *extras)
 
+    def _penalty_fn(self, logits, sampling, history, num_prompt):
+        """The sampler with penalties, on a step's logits and the sampling field of its packed inputs."""
+        return self._sample_rows(logits, SamplingTensors.unpack(sampling.reshape(-1, PACKED_WIDTH)), history, num_prompt)
+
     def _packed_len(self, bucket: Bucket, fused: bool = False) -> int:
-        return (5 if fused else 4) * bucket.tokens + bucket.rows * bucket.pages + (4 if fused else 3) * bucket.rows + 1
+        b = bucket.rows
+        return (5 if fused else 4) * bucket.tokens + b * bucket.pages + (4 if fused else 3) * b + 1 + b * PACKED_WIDTH
 
     def warmup(self, progress: bool = True) -> float:
         """Compile every bucket (and the penalty sampler for every row count). Returns seconds spent.
@@ -258,30 +265,26 @@ class ModelRunner:
         """
         start = time.perf_counter()
         jobs = []  # (table, key, lowered)
-        step = jax.jit(self._step_fn, static_argnums=(4,), donate_argnums=(1,),
-                       in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._rows),
+        step = jax.jit(self._step_fn, static_argnums=(3,), donate_argnums=(1,),
+                       in_shardings=(self._param_shardings, self._cache_shardings, self._rows),
                        out_shardings=(self._replicated, self._logit_rows, self._cache_shardings))
         for bucket in self.buckets():
             packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket)), jnp.int32)
-            tensors = _abstract(self._sampler_inputs(bucket.rows, False)[0])
-            jobs.append((self._steps, bucket, step.lower(self._param_leaves, self.kv_cache, packed, tensors, bucket)))
+            jobs.append((self._steps, bucket, step.lower(self._param_leaves, self.kv_cache, packed, bucket)))
+        sampler = jax.jit(self._penalty_fn, in_shardings=(self._logit_rows, self._rows, self._rows, self._rows),
+                          out_shardings=self._replicated)
         for r in sorted({bk.rows for bk in self.buckets()}):  # the penalty samplers, by row count
             logits = jax.ShapeDtypeStruct((self.dp * r, self.vocab_size), jnp.float32)
-            others = _abstract(self._sampler_inputs(r, True))
-            args = (logits, *others)
-            sampler = jax.jit(self._sample_rows, in_shardings=(self._logit_rows,) + (self._rows,) * len(others),
-                              out_shardings=self._replicated)
-            jobs.append((self._samplers, r, sampler.lower(*args)))
-        fused_step = jax.jit(self._fused_fn, static_argnums=(5, 6), donate_argnums=(1,),
-                             in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._rows,
-                                           self._replicated),
+            sampling = jax.ShapeDtypeStruct((self.dp, r * PACKED_WIDTH), jnp.int32)
+            jobs.append((self._samplers, r, sampler.lower(logits, sampling, *_abstract(self._penalty_inputs(r)))))
+        fused_step = jax.jit(self._fused_fn, static_argnums=(4, 5), donate_argnums=(1,),
+                             in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._replicated),
                              out_shardings=(self._replicated, self._cache_shardings))
         for bucket in self.decode_buckets() if self.decode_steps > 1 else []:
             packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket, fused=True)), jnp.int32)
-            tensors = _abstract(self._sampler_inputs(bucket.rows, False)[0])
             self._no_prev[bucket.rows] = jax.device_put(np.zeros((self.decode_steps, self.dp * bucket.rows), np.int32),
                                                         self._replicated)
-            jobs.append((self._fused, bucket, fused_step.lower(self._param_leaves, self.kv_cache, packed, tensors,
+            jobs.append((self._fused, bucket, fused_step.lower(self._param_leaves, self.kv_cache, packed,
                                                                self._no_prev[bucket.rows], bucket, self.decode_steps)))
         lowered_at = time.perf_counter()
         with tqdm(total=len(jobs), desc="compiling", disable=not progress, unit="graph") as bar:
@@ -302,13 +305,10 @@ class ModelRunner:
                               "compile_threads": min(COMPILE_THREADS, len(jobs))}
         return end - start
 
-    def _sampler_inputs(self, rows: int, penalties: bool) -> tuple:
-        """Neutral host inputs of the sampler but the logits, `rows` a shard: (tensors[, history, num_prompt])."""
+    def _penalty_inputs(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Neutral penalty inputs of a step, `rows` a shard: (history, num_prompt)."""
         r = self.dp * rows
-        args = (_host(SamplingTensors.build([None] * r, r, device=self._host_memory)),)
-        if penalties:
-            args += (np.zeros((r, self.max_model_len), np.int32), np.zeros(r, np.int32))
-        return args
+        return np.zeros((r, self.max_model_len), np.int32), np.zeros(r, np.int32)
 
     # ---- one step ------------------------------------------------------------------
 
@@ -364,7 +364,6 @@ class ModelRunner:
         """Queue one step, plans[d] on data shard d (at least one sequence); returns without
         waiting. `collect` reads the token sampled for every chunk that asked for one."""
         bucket = self._bucket_for(plans)
-        packed = np.stack([self._pack(plan, bucket) for plan in plans])  # (dp, L)
         # (sampler row, chunk): shard d's rows are d * B .. d * B + B - 1
         scheduled = [(d * bucket.rows + i, s) for d, plan in enumerate(plans) for i, s in enumerate(plan.seqs)]
         n = self.dp * bucket.rows
@@ -375,8 +374,7 @@ class ModelRunner:
                 seq = seqs[s.seq_id]
                 row_params[r] = RowParams(seq.params, seq.seed, seq.num_output_tokens, suppress.get(s.seq_id, []))
                 penalties |= seq.params.uses_penalties
-        # Straight to the row shards in one transfer; with followers, staged in host memory to broadcast.
-        tensors = SamplingTensors.build(row_params, n, device=self._host_memory if self._multihost else self._rows)
+        packed = self._with_sampling([self._pack(plan, bucket) for plan in plans], row_params)  # (dp, L)
         extras = ()
         if penalties:
             history = np.full((n, self.max_model_len), -1, np.int32)
@@ -390,9 +388,15 @@ class ModelRunner:
             extras = (history, num_prompt)
         if self._multihost:
             broadcast_one_to_all(self._header(_STEP, bucket, penalties))
-            packed, tensors, extras = broadcast_one_to_all((packed, _host(tensors), extras))
-        out = self._launch(lambda: self._execute(bucket, packed, tensors, extras))
-        return Call(bucket, scheduled, out, _want_top(scheduled, seqs), fused=False)
+            packed, extras = broadcast_one_to_all((packed, extras))
+        want_top = _want_top(scheduled, seqs)
+        out = self._launch(lambda: self._execute(bucket, packed, extras), want_top)
+        return Call(bucket, scheduled, out, want_top, fused=False)
+
+    def _with_sampling(self, packs: list[np.ndarray], row_params: list[RowParams | None]) -> np.ndarray:
+        """(dp, L): each shard's packed plan followed by its rows' packed sampling parameters."""
+        sampling = SamplingTensors.pack(row_params, len(row_params)).reshape(self.dp, -1)
+        return np.concatenate([np.stack(packs), sampling], axis=1)
 
     @staticmethod
     def _results(scheduled, out, want_top: bool) -> dict[str, Sampled]:
@@ -432,39 +436,49 @@ class ModelRunner:
         for r, s in scheduled:
             seq = seqs[s.seq_id]
             row_params[r] = RowParams(seq.params, seq.seed, seq.num_output_tokens + (k if s.seq_id in prev_row else 0))
-        tensors = SamplingTensors.build(row_params, len(row_params), device=self._rows)
-        packed = np.stack(packs)
+        packed = self._with_sampling(packs, row_params)
 
         def queue():
             prev = self._no_prev[bucket.rows] if after is None else after.out.result().token_ids
-            out, self.kv_cache = self._fused[bucket](self._param_leaves, self.kv_cache, self._put(packed), tensors, prev)
+            out, self.kv_cache = self._fused[bucket](self._param_leaves, self.kv_cache, self._put(packed), prev)
             return out
 
-        return Call(bucket, scheduled, self._launch(queue), _want_top(scheduled, seqs), fused=True)
+        want_top = _want_top(scheduled, seqs)
+        return Call(bucket, scheduled, self._launch(queue, want_top), want_top, fused=True)
 
     def collect(self, call: Call) -> list[dict[str, Sampled]]:
         """Wait for a call; one result dict per step it made (one for a plain step)."""
         o = call.out.result()  # one read of what is needed; slicing numpy compiles nothing
-        out = _host((o.token_ids, o.logprobs) + ((o.top_ids, o.top_logprobs) if call.want_top else (None, None)))
+        out = [np.asarray(x) for x in _wanted(o, call.want_top)] + [None, None] * (not call.want_top)
         if not call.fused:
             return [self._results(call.scheduled, out, call.want_top)]
         return [self._results(call.scheduled, [None if x is None else x[k] for x in out], call.want_top)
                 for k in range(self.decode_steps)]
 
-    def _launch(self, queue) -> Future:
-        """Run `queue` (which queues compiled calls) on the launcher thread, or here with several processes."""
+    def _launch(self, queue, want_top: bool) -> Future:
+        """Run `queue` (which queues compiled calls and returns their SampleOutput) on the launcher
+        thread, or here with several processes; what `collect` reads starts its way to the host
+        as soon as it is queued."""
+        def run():
+            out = queue()
+            for x in _wanted(out, want_top):
+                x.copy_to_host_async()
+            return out
+
         if self._launcher is not None:
-            return self._launcher.submit(queue)
+            return self._launcher.submit(run)
         done = Future()
-        done.set_result(queue())
+        done.set_result(run())
         return done
 
-    def _execute(self, bucket: Bucket, packed, tensors, extras: tuple):
+    def _execute(self, bucket: Bucket, packed: np.ndarray, extras: tuple):
         """The compiled step (sampling inside), and the penalty sampler when `extras` carry the
         penalty history; every process runs this with the same inputs."""
-        tensors = self._put(tensors)
-        sampled, logits, self.kv_cache = self._steps[bucket](self._param_leaves, self.kv_cache, self._put(packed), tensors)
-        return self._samplers[bucket.rows](logits, tensors, *self._put(extras)) if extras else sampled
+        sampled, logits, self.kv_cache = self._steps[bucket](self._param_leaves, self.kv_cache, self._put(packed))
+        if not extras:
+            return sampled
+        sampling = np.ascontiguousarray(packed[:, -bucket.rows * PACKED_WIDTH:])
+        return self._samplers[bucket.rows](logits, self._put(sampling), *self._put(extras))
 
     def _put(self, tree):
         """Host arrays onto the row shards (arrays already there stay). With several processes,
@@ -479,9 +493,9 @@ class ModelRunner:
         return np.asarray([command, self.buckets().index(bucket), penalties], np.int32)
 
     def _payload(self, bucket: Bucket, penalties: bool) -> tuple:
-        """Zero host inputs of one step, shaped like what the lead broadcasts: (packed, tensors, extras)."""
-        tensors, *extras = self._sampler_inputs(bucket.rows, penalties)
-        return np.zeros((self.dp, self._packed_len(bucket)), np.int32), tensors, tuple(extras)
+        """Zero host inputs of one step, shaped like what the lead broadcasts: (packed, extras)."""
+        extras = self._penalty_inputs(bucket.rows) if penalties else ()
+        return np.zeros((self.dp, self._packed_len(bucket)), np.int32), extras
 
     def follow(self) -> None:
         """The loop of every process but the lead: run the steps the lead broadcasts until it stops."""
@@ -491,8 +505,8 @@ class ModelRunner:
             if command == _STOP:
                 return
             bucket = buckets[index]
-            packed, tensors, extras = broadcast_one_to_all(self._payload(bucket, bool(penalties)))
-            self._execute(bucket, packed, tensors, extras)
+            packed, extras = broadcast_one_to_all(self._payload(bucket, bool(penalties)))
+            self._execute(bucket, packed, extras)
 
     def stop_followers(self) -> None:
         """Release the followers from `follow` (the lead calls this once, when it shuts down)."""
@@ -510,6 +524,6 @@ def _want_top(scheduled, seqs: dict[str, Sequence]) -> bool:
     return any(s.sample and seqs[s.seq_id].params.logprobs for _, s in scheduled)
 
 
-def _host(tree):
-    """Device arrays (single-device or replicated) as numpy arrays, read from a local copy."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x), tree)
+def _wanted(out, want_top: bool) -> list[jax.Array]:
+    """The arrays of a SampleOutput that `collect` reads (replicated: each process reads its own copy)."""
+    return [out.token_ids, out.logprobs] + ([out.top_ids, out.top_logprobs] if want_top else [])

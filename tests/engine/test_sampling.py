@@ -312,3 +312,19 @@ def test_noise_of_a_vocabulary_slice_is_jax_random_gumbel_sliced():
     want = [jax.random.gumbel(jax.random.fold_in(jax.random.key(s), n), (300,), jnp.float32)[10:60]
             for s, n in zip(seed, step)]
     np.testing.assert_array_equal(np.asarray(got), np.stack(want))
+
+
+def test_packed_rows_unpack_to_the_same_tensors():
+    """A step receives its rows' sampling parameters inside its one int32 transfer: every field,
+    float bits, uint32 seeds and padding included, comes back as `build` makes it."""
+    from engine.sampling import PACKED_WIDTH
+
+    rows = [row(seed=2**32 - 3, step=9, suppress=(1, 2), temperature=0.7, top_k=5, top_p=0.9, min_p=0.1,
+                presence_penalty=0.3, frequency_penalty=-0.2, repetition_penalty=1.1, logit_bias={3: -2.5, 7: 1.5}),
+            None, row(temperature=0.0)]
+    packed = SamplingTensors.pack(rows, 4)
+    assert packed.shape == (4, PACKED_WIDTH) and packed.dtype == np.int32
+    want, got = SamplingTensors.build(rows, 4), jax.jit(SamplingTensors.unpack)(packed)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
