@@ -15,9 +15,9 @@ then a few engine steps run under `jax.profiler.trace`:
 The trace's GPU kernels are summed by name and sorted into kinds (attention = our Pallas
 kernels, gemm, KV write (scatter), sampling (sort/top-k/argmax), other fusions), and set
 beside the host's wall time of the same steps: wall - device busy estimates the time the GPU
-sat idle waiting for the host or for launches. It is rough: tracing lengthens kernels (a
-batch-1 decode step traces at ~7% more than its untraced wall time, so the figure can go
-negative). Results go to `--out` as JSON and to stdout.
+sat idle waiting for the host or for launches. For decode, a call is always in flight, so
+both count from the first traced step()'s return to the last one's (`step_window`). It is
+rough: tracing lengthens kernels. Results go to `--out` as JSON and to stdout.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import argparse
 import collections
 import contextlib
 import glob
+import math
 import re
 import tempfile
 import time
@@ -52,25 +53,44 @@ def kind_of(name: str) -> str:
     return next((k for k, pattern in KINDS if pattern.search(name)), "other")
 
 
-def device_kernels(trace_dir: str) -> dict[str, dict]:
-    """Kernel name -> {ms, count} of one GPU: summed over the trace's GPU planes, divided by their number
-    (with several GPUs, each runs the same step on its shards)."""
+def read_trace(trace_dir: str) -> tuple[list[list[tuple[int, int, str]]], list[tuple[int, int, str, str]]]:
+    """(kernels of each GPU as (start ns, stop ns, name), sorted; host events as (start ns, ns, name, thread))."""
     from jax.profiler import ProfileData
 
-    totals: dict[str, dict] = collections.defaultdict(lambda: {"ms": 0.0, "count": 0})
-    gpus = 0
+    gpus, host = [], []
     for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
         for plane in ProfileData.from_file(path).planes:
-            if not plane.name.startswith("/device:GPU"):
-                continue
-            gpus += 1
-            lines = [ln for ln in plane.lines if ln.name.startswith("Stream")] or list(plane.lines)
-            for line in lines:
-                for ev in line.events:
-                    t = totals[ev.name]
-                    t["ms"] += ev.duration_ns / 1e6
-                    t["count"] += 1
-    return {name: {"ms": t["ms"] / gpus, "count": t["count"] / gpus} for name, t in totals.items()}
+            if plane.name.startswith("/device:GPU"):
+                lines = [ln for ln in plane.lines if ln.name.startswith("Stream")] or list(plane.lines)
+                gpus.append(sorted((ev.start_ns, ev.start_ns + ev.duration_ns, ev.name) for ln in lines for ev in ln.events))
+            elif plane.name.startswith("/host"):
+                host += [(ev.start_ns, ev.duration_ns, ev.name, ln.name) for ln in plane.lines for ev in ln.events]
+    return gpus, host
+
+
+def step_window(host) -> tuple[int, int] | None:
+    """From the first to the last engine.step() return the Python tracer saw: the calls those steps
+    read (the trace also holds parts of the calls in flight at either end)."""
+    returns = sorted(st + d for st, d, n, _ in host if n.startswith("$engine.py") and n.endswith(" step"))
+    return (returns[0], returns[-1]) if len(returns) >= 2 else None
+
+
+def device_kernels(trace_dir: str, windowed: bool = False) -> dict[str, dict]:
+    """Kernel name -> {ms, count} of one GPU: summed over the trace's GPU planes, divided by their number
+    (with several GPUs, each runs the same step on its shards); `windowed`: only the kernels that
+    start inside `step_window` (each clipped to it)."""
+    gpus, host = read_trace(trace_dir)
+    window = step_window(host) if windowed else None
+    lo, hi = window or (-math.inf, math.inf)
+    totals: dict[str, dict] = collections.defaultdict(lambda: {"ms": 0.0, "count": 0})
+    for kernels in gpus:
+        for start, stop, name in kernels:
+            if lo <= start < hi:
+                t = totals[name]
+                t["ms"] += (min(stop, hi) - start) / 1e6
+                t["count"] += 1
+    n = max(1, len(gpus))
+    return {name: {"ms": t["ms"] / n, "count": t["count"] / n} for name, t in totals.items()}
 
 
 def timeline(trace_dir: str, top: int = 10) -> dict:
@@ -78,20 +98,10 @@ def timeline(trace_dir: str, top: int = 10) -> dict:
     the last one's end, the longest gaps between kernels (with the kernels on either side), and the
     host's engine and XLA events of interest over 20 us (thread, start relative to the first kernel),
     to see what the GPU waited for."""
-    from jax.profiler import ProfileData
-
-    kernels, host = [], []
-    for path in glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True):
-        for plane in ProfileData.from_file(path).planes:
-            if plane.name.startswith("/device:GPU"):
-                if kernels:
-                    continue  # one GPU is enough
-                lines = [ln for ln in plane.lines if ln.name.startswith("Stream")] or list(plane.lines)
-                kernels = sorted((ev.start_ns, ev.start_ns + ev.duration_ns, ev.name) for ln in lines for ev in ln.events)
-            elif plane.name.startswith("/host"):
-                host += [(ev.start_ns, ev.duration_ns, ev.name, ln.name) for ln in plane.lines for ev in ln.events]
-    if not kernels:
+    gpus, host = read_trace(trace_dir)
+    if not gpus or not gpus[0]:
         return {}
+    kernels = gpus[0]
     t0 = kernels[0][0]
     gaps, end, prev = [], kernels[0][1], kernels[0][2]
     for start, stop, name in kernels[1:]:
@@ -133,9 +143,12 @@ def traced(engine, trace_dir: str, num_steps: int) -> tuple[float, int]:
     import jax
 
     seq = engine.scheduler.shards[0].running[0]  # every sequence decodes in every step
-    before = seq.num_output_tokens
     with jax.profiler.trace(trace_dir):
-        t0 = time.perf_counter()
+        # NOTE: a call is always in flight (engine.step's NOTE), partly run before tracing began:
+        # the clock starts when the first traced step() has read it, so the wall time covers
+        # exactly the calls the counted steps read.
+        engine.step()
+        before, t0 = seq.num_output_tokens, time.perf_counter()
         for _ in range(num_steps):
             engine.step()
         wall = (time.perf_counter() - t0) * 1e3
@@ -166,8 +179,8 @@ def profile_decode(engine, batch: int, context: int, trace_dir: str, num_steps: 
     ids = _decoding(engine, batch, context)
     wall, steps = traced(engine, trace_dir, num_steps)
     _finish(engine, ids)
-    return {"workload": f"decode, batch {batch}, context ~{context}", **summarize(device_kernels(trace_dir), wall, steps),
-            "timeline": timeline(trace_dir)}
+    return {"workload": f"decode, batch {batch}, context ~{context}",
+            **summarize(device_kernels(trace_dir, windowed=True), wall, steps), "timeline": timeline(trace_dir)}
 
 
 def profile_mixed(engine, batch: int, context: int, trace_dir: str) -> dict:
