@@ -35,6 +35,7 @@ import functools
 import itertools
 import logging
 import os
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ def _powers(base: int, lo: int, hi: int) -> list[int]:
 
 _STOP, _STEP = 0, 1  # commands the lead broadcasts to followers
 COMPILE_THREADS = min(8, os.cpu_count() or 1)  # graphs XLA compiles at once during warm-up
+LAUNCH_SWITCH_INTERVAL_S = 0.0005  # the longest the launcher thread waits for the GIL (sys.setswitchinterval)
 
 
 class ModelRunner:
@@ -156,6 +158,11 @@ class ModelRunner:
         # nothing to overlap. Inline with several processes: every process must queue the same
         # collectives in the same order.
         self._launcher = None if self._multihost else ThreadPoolExecutor(1, thread_name_prefix="pagedjax-launch")
+        # The launcher needs the GIL for a moment to queue each call, while the engine's thread runs
+        # Python for long stretches (recording a fused call's tokens: ~16 ms at 192 rows). At
+        # Python's default switch interval (5 ms) each wait for the GIL idled the GPU between
+        # calls for up to that long (profile_step's timeline, batch 192 on an H100).
+        sys.setswitchinterval(min(sys.getswitchinterval(), LAUNCH_SWITCH_INTERVAL_S))
 
     # ---- compilation ---------------------------------------------------------------
 
@@ -275,8 +282,7 @@ class ModelRunner:
                           out_shardings=self._replicated)
         for r in sorted({bk.rows for bk in self.buckets()}):  # the penalty samplers, by row count
             logits = jax.ShapeDtypeStruct((self.dp * r, self.vocab_size), jnp.float32)
-            sampling = jax.ShapeDtypeStruct((self.dp, r * PACKED_WIDTH), jnp.int32)
-            jobs.append((self._samplers, r, sampler.lower(logits, sampling, *_abstract(self._penalty_inputs(r)))))
+            jobs.append((self._samplers, r, sampler.lower(logits, *_abstract(self._penalty_inputs(r)))))
         fused_step = jax.jit(self._fused_fn, static_argnums=(4, 5), donate_argnums=(1,),
                              in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._replicated),
                              out_shardings=(self._replicated, self._cache_shardings))
@@ -305,10 +311,11 @@ class ModelRunner:
                               "compile_threads": min(COMPILE_THREADS, len(jobs))}
         return end - start
 
-    def _penalty_inputs(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
-        """Neutral penalty inputs of a step, `rows` a shard: (history, num_prompt)."""
+    def _penalty_inputs(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Neutral inputs of the penalty sampler but the logits, `rows` a shard: (sampling, history, num_prompt)."""
         r = self.dp * rows
-        return np.zeros((r, self.max_model_len), np.int32), np.zeros(r, np.int32)
+        return (np.zeros((self.dp, rows * PACKED_WIDTH), np.int32), np.zeros((r, self.max_model_len), np.int32),
+                np.zeros(r, np.int32))
 
     # ---- one step ------------------------------------------------------------------
 
@@ -385,10 +392,12 @@ class ModelRunner:
                     ids = seq.all_token_ids
                     history[r, :len(ids)] = ids
                     num_prompt[r] = seq.num_prompt_tokens
-            extras = (history, num_prompt)
+            extras = (np.ascontiguousarray(packed[:, -bucket.rows * PACKED_WIDTH:]), history, num_prompt)
         if self._multihost:
             broadcast_one_to_all(self._header(_STEP, bucket, penalties))
             packed, extras = broadcast_one_to_all((packed, extras))
+        else:  # the transfers start here: the launcher thread only queues the call (see _launch)
+            packed, extras = self._put((packed, extras))
         want_top = _want_top(scheduled, seqs)
         out = self._launch(lambda: self._execute(bucket, packed, extras), want_top)
         return Call(bucket, scheduled, out, want_top, fused=False)
@@ -436,11 +445,11 @@ class ModelRunner:
         for r, s in scheduled:
             seq = seqs[s.seq_id]
             row_params[r] = RowParams(seq.params, seq.seed, seq.num_output_tokens + (k if s.seq_id in prev_row else 0))
-        packed = self._with_sampling(packs, row_params)
+        packed = self._put(self._with_sampling(packs, row_params))
 
         def queue():
             prev = self._no_prev[bucket.rows] if after is None else after.out.result().token_ids
-            out, self.kv_cache = self._fused[bucket](self._param_leaves, self.kv_cache, self._put(packed), prev)
+            out, self.kv_cache = self._fused[bucket](self._param_leaves, self.kv_cache, packed, prev)
             return out
 
         want_top = _want_top(scheduled, seqs)
@@ -471,20 +480,17 @@ class ModelRunner:
         done.set_result(run())
         return done
 
-    def _execute(self, bucket: Bucket, packed: np.ndarray, extras: tuple):
+    def _execute(self, bucket: Bucket, packed, extras: tuple):
         """The compiled step (sampling inside), and the penalty sampler when `extras` carry the
-        penalty history; every process runs this with the same inputs."""
+        packed sampling field and the penalty history; every process runs this with the same inputs."""
         sampled, logits, self.kv_cache = self._steps[bucket](self._param_leaves, self.kv_cache, self._put(packed))
-        if not extras:
-            return sampled
-        sampling = np.ascontiguousarray(packed[:, -bucket.rows * PACKED_WIDTH:])
-        return self._samplers[bucket.rows](logits, self._put(sampling), *self._put(extras))
+        return self._samplers[bucket.rows](logits, *self._put(extras)) if extras else sampled
 
     def _put(self, tree):
-        """Host arrays onto the row shards (arrays already there stay). With several processes,
+        """Host arrays onto the row shards (device arrays stay as they are). With several processes,
         each process places its own shards of the identical broadcast values."""
         if not self._multihost:
-            return jax.device_put(tree, self._rows)
+            return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, self._rows), tree)
         return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, self._rows, lambda i: x[i]), tree)
 
     # ---- several processes ---------------------------------------------------------
