@@ -5,8 +5,8 @@ width P) so that a small set of executables, all compiled during warm-up, serves
 any plan. The step's integer metadata and its rows' sampling parameters travel as
 one packed host array (one transfer: each small device_put costs the host ~0.2 ms);
 sampling runs inside the step (a separate penalty sampler reruns it on the returned
-logits only when a row uses penalties). The KV cache is donated to every call, so it is updated in place and
-the runner holds the only reference to it.
+logits only when a row uses penalties). The KV cache is donated to every call, so it
+is updated in place and the runner holds the only reference to it.
 
 Packed int32 layout of one step (offsets are static per bucket), one row per data shard:
 
@@ -14,18 +14,19 @@ Packed int32 layout of one step (offsets are static per bucket), one row per dat
       (| src T | steps B, of a fused call) | sampling B*W ]
 
 sampling holds the rows' SamplingTensors.pack (W = PACKED_WIDTH int32 columns a row).
-In a fused decode call, token i's input is the last token the
-previous fused call sampled in row src[i] (when src[i] >= 0), which lets the host queue
+In a fused decode call, token i's input is the last token the previous fused call
+sampled in row src[i] (when src[i] >= 0), which lets the host queue
 call N+1 before it has read call N's tokens (engine.LLMEngine pipelines decode this way);
 row b decodes in the first steps[b] steps of the call and idles after (it reached its length).
 
 NOTE: on a ("data", "model") mesh every array has a fixed sharding, given to the
 compiled steps as explicit in/out shardings, so nothing moves or recompiles
 between steps: params and the KV cache as `sharding.rules` places them, the
-packed metadata (dp, L) and the sampled rows (dp * B, ...) split
-over the data axis, the logits (dp * B, V) over data and, with tp, vocabulary. Data shard d runs plans[d]: its own T tokens and B rows over
-its own pages, with local page ids; the model's projections see dp * T tokens
-split over the data axis, and attention runs per shard (models.sharded_attention).
+packed metadata (dp, L) and the sampled rows (dp * B, ...) split over the data
+axis, the logits (dp * B, V) over data and (with tp) vocabulary. Data shard d runs
+plans[d]: its own T tokens and B rows over its own pages, with local page ids; the
+model's projections see dp * T tokens split over the data axis, and attention runs
+per shard (models.sharded_attention).
 
 With several processes (sharding.distributed), process 0 decides each step and
 broadcasts its host inputs; the others execute the same step with them (`follow`).
@@ -126,7 +127,6 @@ class ModelRunner:
         self._replicated = named_sharding(self.mesh, None)
         self._steps_rows = named_sharding(self.mesh, (None, "batch"))  # (steps, rows) of a fused call
         self._multihost = jax.process_count() > 1
-        self._host_memory = jax.local_devices(backend="cpu")[0]  # where the lead stages what it broadcasts
         self._followers_stopped = False
         self.page_size = page_size
         self.max_model_len = max_model_len

@@ -112,7 +112,8 @@ class SamplingTensors:
     def unpack(packed: Int[Array, "B W"]) -> SamplingTensors:
         """Inverse of `pack`, traced inside a step."""
         cols = jnp.split(packed, np.cumsum([w for w, _ in _PACKED])[:-1], axis=1)
-        fields = [c if dtype == np.int32 else jax.lax.bitcast_convert_type(c, dtype) for c, (_, dtype) in zip(cols, _PACKED)]
+        fields = [c if dtype == np.int32 else jax.lax.bitcast_convert_type(c, dtype)
+                  for c, (_, dtype) in zip(cols, _PACKED)]
         return SamplingTensors(*(f[:, 0] if w == 1 else f for f, (w, _) in zip(fields, _PACKED)))
 
     @staticmethod
