@@ -53,7 +53,10 @@ def kind_of(name: str) -> str:
     return next((k for k, pattern in KINDS if pattern.search(name)), "other")
 
 
-def read_trace(trace_dir: str) -> tuple[list[list[tuple[int, int, str]]], list[tuple[int, int, str, str]]]:
+Trace = tuple[list[list[tuple[int, int, str]]], list[tuple[int, int, str, str]]]  # (GPUs' kernels, host events)
+
+
+def read_trace(trace_dir: str) -> Trace:
     """(kernels of each GPU as (start ns, stop ns, name), sorted; host events as (start ns, ns, name, thread))."""
     from jax.profiler import ProfileData
 
@@ -75,11 +78,11 @@ def step_window(host) -> tuple[int, int] | None:
     return (returns[0], returns[-1]) if len(returns) >= 2 else None
 
 
-def device_kernels(trace_dir: str, windowed: bool = False) -> dict[str, dict]:
+def device_kernels(trace: Trace, windowed: bool = False) -> dict[str, dict]:
     """Kernel name -> {ms, count} of one GPU: summed over the trace's GPU planes, divided by their number
     (with several GPUs, each runs the same step on its shards); `windowed`: only the kernels that
     start inside `step_window` (each clipped to it)."""
-    gpus, host = read_trace(trace_dir)
+    gpus, host = trace
     window = step_window(host) if windowed else None
     lo, hi = window or (-math.inf, math.inf)
     totals: dict[str, dict] = collections.defaultdict(lambda: {"ms": 0.0, "count": 0})
@@ -93,12 +96,12 @@ def device_kernels(trace_dir: str, windowed: bool = False) -> dict[str, dict]:
     return {name: {"ms": t["ms"] / n, "count": t["count"] / n} for name, t in totals.items()}
 
 
-def timeline(trace_dir: str, top: int = 10) -> dict:
+def timeline(trace: Trace, top: int = 10) -> dict:
     """Where the GPU sat idle inside a trace, for one GPU: its span from the first kernel's start to
     the last one's end, the longest gaps between kernels (with the kernels on either side), and the
     host's engine and XLA events of interest over 20 us (thread, start relative to the first kernel),
     to see what the GPU waited for."""
-    gpus, host = read_trace(trace_dir)
+    gpus, host = trace
     if not gpus or not gpus[0]:
         return {}
     kernels = gpus[0]
@@ -180,7 +183,8 @@ def profile_decode(engine, batch: int, context: int, trace_dir: str, num_steps: 
     wall, steps = traced(engine, trace_dir, num_steps)
     _finish(engine, ids)
     return {"workload": f"decode, batch {batch}, context ~{context}",
-            **summarize(device_kernels(trace_dir, windowed=True), wall, steps), "timeline": timeline(trace_dir)}
+            **summarize(device_kernels(trace := read_trace(trace_dir), windowed=True), wall, steps),
+            "timeline": timeline(trace)}
 
 
 def profile_mixed(engine, batch: int, context: int, trace_dir: str) -> dict:
@@ -198,7 +202,7 @@ def profile_mixed(engine, batch: int, context: int, trace_dir: str) -> dict:
             wall = (time.perf_counter() - t0) * 1e3
     _finish(engine, ids)
     return {"workload": f"{batch} decodes at context ~{context} and a fresh prompt of {context} tokens in one step",
-            **summarize(device_kernels(trace_dir), wall, 1)}
+            **summarize(device_kernels(read_trace(trace_dir)), wall, 1)}
 
 
 def profile_prefill(engine, length: int, trace_dir: str) -> dict:
@@ -216,7 +220,7 @@ def profile_prefill(engine, length: int, trace_dir: str) -> dict:
                 steps += 1
             wall = (time.perf_counter() - t0) * 1e3
     return {"workload": f"one prompt of {length} tokens, first token (TTFT)",
-            **summarize(device_kernels(trace_dir), wall, steps), "timeline": timeline(trace_dir)}
+            **summarize(device_kernels(trace := read_trace(trace_dir)), wall, steps), "timeline": timeline(trace)}
 
 
 def main() -> None:
