@@ -17,10 +17,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 from compiles import recorded_compiles
-from parallel_workload import SMALL, run_workload
+from parallel_workload import PROMPTS, SMALL, run_workload
 
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from engine.params import SamplingParams
 from engine.sampling import TOP_CANDIDATES
 from models.default import default_model_path
 from sharding import MeshError
@@ -149,3 +150,21 @@ def _in_a_branch(hlo: str, shape: str) -> bool:
         elif "all-gather" in line and shape in line:
             return bool(re.search(rf"branch_computations={{[^}}]*%{re.escape(computation)}[,}}]", hlo))
     raise AssertionError(f"no all-gather of {shape}")
+
+
+def test_seeded_sampling_is_the_same_on_vocabulary_shards():
+    """A seeded request (temperature, top-k, top-p) draws the same tokens at tp=2 as on one device:
+    each model shard samples on its own slice of the vocabulary with the noise of its own ids."""
+    params = [SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_k=40, top_p=0.9, seed=8, max_tokens=12, ignore_eos=True)]
+    outputs = []
+    for tp in (1, 2):
+        engine = _engine("tiny", 1, tp)
+        for i, p in enumerate(params):
+            engine.add_request(f"s{i}", PROMPTS[i], p)
+        done = {}
+        while engine.has_unfinished_requests():
+            done |= {o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished}
+        outputs.append([done[f"s{i}"] for i in range(len(params))])
+    assert outputs[0] == outputs[1]
+    assert len(set(outputs[0][0])) > 1  # sampled, not stuck on one token
