@@ -111,10 +111,10 @@ class SamplingTensors:
     @staticmethod
     def unpack(packed: Int[Array, "B W"]) -> SamplingTensors:
         """Inverse of `pack`, traced inside a step."""
-        cols = jnp.split(packed, np.cumsum([w for w, _ in _PACKED])[:-1], axis=1)
+        cols = jnp.split(packed, _PACKED_ENDS[:-1], axis=1)
         fields = [c if dtype == np.int32 else jax.lax.bitcast_convert_type(c, dtype)
-                  for c, (_, dtype) in zip(cols, _PACKED)]
-        return SamplingTensors(*(f[:, 0] if w == 1 else f for f, (w, _) in zip(fields, _PACKED)))
+                  for c, (_, dtype, _) in zip(cols, _PACKED)]
+        return SamplingTensors(*(f[:, 0] if w == 1 else f for f, (w, _, _) in zip(fields, _PACKED)))
 
     @staticmethod
     def _host(rows: Sequence[RowParams | None], batch_size: int,
@@ -124,11 +124,10 @@ class SamplingTensors:
             raise ValueError(f"{len(rows)} rows do not fit in a batch of {batch_size}")
         b = batch_size
         packed = np.empty((b, PACKED_WIDTH), np.int32)
-        ends = np.cumsum([w for w, _ in _PACKED])
         (temperature, top_k, top_p, min_p, presence, frequency, repetition, seed, step, bias_ids, bias_values,
          suppress_ids) = fields = [packed[:, e - w:e].view(dtype)[:, 0] if w == 1 else packed[:, e - w:e].view(dtype)
-                                   for (w, dtype), e in zip(_PACKED, ends)]  # views into `packed`
-        for f, neutral in zip(fields, (0, 0, 1, 0, 0, 0, 1, 0, 0, -1, 0, -1)):
+                                   for (w, dtype, _), e in zip(_PACKED, _PACKED_ENDS)]  # views into `packed`
+        for f, (_, _, neutral) in zip(fields, _PACKED):
             f[...] = neutral
         def check_ids(ids: list[int], what: str):
             if vocab_size is not None and any(not 0 <= i < vocab_size for i in ids):
@@ -170,10 +169,15 @@ class SamplingTensors:
         return packed, fields
 
 
-# (columns, dtype) of each SamplingTensors field in its packed form, in field order
-_PACKED = [(1, np.float32), (1, np.int32)] + [(1, np.float32)] * 5 + [(1, np.uint32), (1, np.int32),
-          (MAX_LOGIT_BIAS, np.int32), (MAX_LOGIT_BIAS, np.float32), (MAX_SUPPRESS, np.int32)]
-PACKED_WIDTH = sum(w for w, _ in _PACKED)  # int32 columns a row of SamplingTensors packs into
+# (columns, dtype, neutral value of a padding row) of each SamplingTensors field in its packed form, in field order
+_PACKED = [
+    (1, np.float32, 0), (1, np.int32, 0), (1, np.float32, 1), (1, np.float32, 0),  # temperature, top_k, top_p, min_p
+    (1, np.float32, 0), (1, np.float32, 0), (1, np.float32, 1),  # presence, frequency, repetition penalties
+    (1, np.uint32, 0), (1, np.int32, 0),  # seed, step
+    (MAX_LOGIT_BIAS, np.int32, -1), (MAX_LOGIT_BIAS, np.float32, 0), (MAX_SUPPRESS, np.int32, -1),  # ids, values, ids
+]
+_PACKED_ENDS = np.cumsum([w for w, _, _ in _PACKED])  # each field's last column + 1
+PACKED_WIDTH = int(_PACKED_ENDS[-1])  # int32 columns a row of SamplingTensors packs into
 
 
 @struct.dataclass
