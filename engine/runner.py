@@ -4,8 +4,9 @@ NOTE: every step is padded up to a fixed bucket (tokens T, rows B, block-table
 width P) so that a small set of executables, all compiled during warm-up, serves
 any plan. The step's integer metadata and its rows' sampling parameters travel as
 one packed host array (one transfer: each small device_put costs the host ~0.2 ms);
-sampling runs inside the step (a separate penalty sampler reruns it on the returned
-logits only when a row uses penalties). The KV cache is donated to every call, so it
+sampling runs inside the step, without branches (engine.sampling's NOTE); a separate
+sampler reruns it on the returned logits only when a row uses penalties or may need its
+whole row ranked (`needs_full_rank`). The KV cache is donated to every call, so it
 is updated in place and the runner holds the only reference to it.
 
 Packed int32 layout of one step (offsets are static per bucket), one row per data shard:
@@ -50,7 +51,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from engine.sampling import PACKED_WIDTH, RowParams, SamplingTensors, sample
+from engine.sampling import PACKED_WIDTH, RowParams, SamplingTensors, needs_full_rank, sample
 from engine.scheduler import StepPlan
 from engine.sequence import Sequence
 from models.attention import AttentionMetadata
@@ -99,6 +100,12 @@ def _powers(base: int, lo: int, hi: int) -> list[int]:
 _STOP, _STEP = 0, 1  # commands the lead broadcasts to followers
 COMPILE_THREADS = min(8, os.cpu_count() or 1)  # graphs XLA compiles at once during warm-up
 LAUNCH_SWITCH_INTERVAL_S = 0.0005  # the longest the launcher thread waits for the GIL (sys.setswitchinterval)
+# Under tensor parallelism a decode call is bound by launches: XLA's default command buffers (CUDA
+# graphs) stop at every collective, so a step of L layers is 2L + 1 graphs queued one by one. With
+# collectives inside them it is one. Measured on two H200s (8B, tp 2, batch 1): 4.57 -> 4.41 ms a
+# token; the TTFT step (1024 tokens) went 22.0 -> 23.5 ms, so steps that may carry prompts keep the
+# default. The list is XLA's default (jax 0.11) plus COLLECTIVES.
+DECODE_COMMAND_BUFFERS = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,COLLECTIVES"
 
 
 class ModelRunner:
@@ -146,17 +153,18 @@ class ModelRunner:
                 f"(got token_buckets={self.token_buckets}, page_buckets={self.page_buckets})"
             )
         self._steps: dict[Bucket, object] = {}  # compiled model steps
-        self._samplers: dict[int, object] = {}  # compiled penalty samplers, by rows
+        self._samplers: dict[int, object] = {}  # compiled full samplers (penalties, full ranking), by rows
         # Fused decode (several steps a call) pays when the host is slower than a step; not across processes.
         self.decode_steps = 1 if self._multihost else decode_steps
-        self._fused: dict[Bucket, object] = {}  # compiled fused decode steps, for buckets a decode plan uses
+        # compiled fused decode steps, for buckets a decode plan uses, by (bucket, full_rank)
+        self._fused: dict[tuple[Bucket, bool], object] = {}
         self.warmup_report: dict = {}  # what warm-up compiled and where its time went
         self._no_prev: dict[int, jax.Array] = {}  # rows -> `prev` of a fused call that follows none
         # NOTE: compiled calls are queued from one launcher thread, in order. On the GPU a call
-        # returns only once the device reaches the step's sampling (its lax.conds read their
-        # predicate back to the host), so queued from the engine's thread it would leave the host
-        # nothing to overlap. Inline with several processes: every process must queue the same
-        # collectives in the same order.
+        # with a branch (the full sampler, a full_rank fused call) returns only once the device
+        # reaches it (XLA reads the predicate back to the host): queued from the engine's thread,
+        # it would block the host work meant to overlap the device. Inline with several
+        # processes: every process must queue the same collectives in the same order.
         self._launcher = None if self._multihost else ThreadPoolExecutor(1, thread_name_prefix="pagedjax-launch")
         # The launcher needs the GIL for a moment to queue each call, while the engine's thread runs
         # Python for long stretches (recording a fused call's tokens: ~16 ms at 192 rows). At
@@ -193,15 +201,15 @@ class ModelRunner:
         return model.logits(last.reshape(dp * bucket.rows, -1))
 
     def _step_fn(self, param_leaves, kv_cache, packed, bucket: Bucket):
-        """One step and its sampling (without penalties); the logits come back too, for the
-        penalty sampler when some row uses penalties (it then replaces the sampled tokens)."""
+        """One step and its sampling (without penalties or full ranking); the logits come back too,
+        for the full sampler when some row needs it (it then replaces the sampled tokens)."""
         tokens, meta, rows, tensors = self._unpack(packed, bucket)
         model = nnx.merge(self.graphdef, jax.tree.unflatten(self._param_tree, param_leaves))
         hidden, kv_cache = model(tokens, kv_cache, meta)  # (dp * T, E)
         logits = self._logits(model, hidden, rows, bucket)
         return self._sample_rows(logits, tensors), logits, kv_cache
 
-    def _fused_fn(self, param_leaves, kv_cache, packed, prev, bucket: Bucket, steps: int):
+    def _fused_fn(self, param_leaves, kv_cache, packed, prev, bucket: Bucket, steps: int, full_rank: bool):
         """`steps` decode steps in one call: each row's sampled token is the next step's input.
 
         Only for plans of decodes (token i of shard d is row i), with pages already held
@@ -209,7 +217,8 @@ class ModelRunner:
         call (steps, dp * B), read where the packed src field says. A row past its own step
         count computes on (its outputs are dropped) without advancing, writing to the trash
         page. Returns (steps, dp * B) token ids and logprobs, (steps, dp * B, K) top
-        logprobs, and the cache.
+        logprobs, and the cache. With `full_rank`, the sampler ranks whole rows where it must
+        (engine.sampling.needs_full_rank), at the price of a branch in every step.
         """
         tokens, meta, rows, tensors, src, row_steps = self._unpack(packed, bucket, fused=True)
         tokens = jnp.where(src >= 0, prev[-1][jnp.maximum(src, 0)], tokens)
@@ -236,7 +245,8 @@ class ModelRunner:
                 seq_lens=jnp.where(meta.seq_lens > 0, meta.seq_lens + jnp.clip(row_steps - 1, 0, k), 0),
             )
             hidden, kv_cache = model(tokens, kv_cache, step_meta)
-            sampled = self._sample_rows(self._logits(model, hidden, rows, bucket), tensors.replace(step=tensors.step + k))
+            sampled = self._sample_rows(self._logits(model, hidden, rows, bucket), tensors.replace(step=tensors.step + k),
+                                        full_rank=full_rank)
             out = jax.tree.map(lambda acc, x: acc.at[k].set(x), out, sampled)
             return kv_cache, jnp.where(real, of_token(sampled.token_ids), 0), out
 
@@ -247,72 +257,84 @@ class ModelRunner:
         kv_cache, _, out = jax.lax.fori_loop(0, steps, one, (kv_cache, tokens, out))
         return out, kv_cache
 
-    def _sample_rows(self, logits, tensors, *extras):
+    def _sample_rows(self, logits, tensors, *extras, full_rank: bool = False):
         """`sample`, each data shard on its own rows and, under tensor parallelism, each model shard
         on its own slice of the vocabulary (merged through (rows, k) collectives). Left to XLA, the
         row-wise sampler would pay a collective for each of its reductions, or gather the logits."""
         axis = self._logit_spec[1]
-        return jax.shard_map(functools.partial(sample, vocab_axis=axis), mesh=self.mesh,
+        return jax.shard_map(functools.partial(sample, vocab_axis=axis, full_rank=full_rank), mesh=self.mesh,
                              in_specs=(self._logit_spec,) + (P(DATA),) * (1 + len(extras)), out_specs=P(DATA),
                              check_vma=False)(logits, tensors, *extras)
 
-    def _penalty_fn(self, logits, sampling, history, num_prompt):
-        """The sampler with penalties, on a step's logits and the sampling field of its packed inputs."""
-        return self._sample_rows(logits, SamplingTensors.unpack(sampling.reshape(-1, PACKED_WIDTH)), history, num_prompt)
+    def _full_sampler_fn(self, logits, sampling, history, num_prompt):
+        """The sampler with penalties and full ranking, on a step's logits and the sampling field of
+        its packed inputs."""
+        return self._sample_rows(logits, SamplingTensors.unpack(sampling.reshape(-1, PACKED_WIDTH)), history, num_prompt,
+                                 full_rank=True)
 
     def _packed_len(self, bucket: Bucket, fused: bool = False) -> int:
         b = bucket.rows
         return (5 if fused else 4) * bucket.tokens + b * bucket.pages + (4 if fused else 3) * b + 1 + b * PACKED_WIDTH
 
     def warmup(self, progress: bool = True) -> float:
-        """Compile every bucket (and the penalty sampler for every row count). Returns seconds spent.
+        """Compile every bucket (and the full sampler for every row count). Returns seconds spent.
 
         Tracing and lowering run one graph at a time (Python); XLA compiles them side by side
         in COMPILE_THREADS threads (it releases the GIL). `warmup_report` says where the time went.
         """
         start = time.perf_counter()
-        jobs = []  # (table, key, lowered)
+        jobs = []  # (table, key, lowered, compiler options)
+        decode_options = self._decode_compiler_options()
         step = jax.jit(self._step_fn, static_argnums=(3,), donate_argnums=(1,),
                        in_shardings=(self._param_shardings, self._cache_shardings, self._rows),
                        out_shardings=(self._replicated, self._logit_rows, self._cache_shardings))
         for bucket in self.buckets():
             packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket)), jnp.int32)
-            jobs.append((self._steps, bucket, step.lower(self._param_leaves, self.kv_cache, packed, bucket)))
-        sampler = jax.jit(self._penalty_fn, in_shardings=(self._logit_rows, self._rows, self._rows, self._rows),
+            jobs.append((self._steps, bucket, step.lower(self._param_leaves, self.kv_cache, packed, bucket),
+                         decode_options if bucket in self.decode_buckets() else None))
+        sampler = jax.jit(self._full_sampler_fn, in_shardings=(self._logit_rows, self._rows, self._rows, self._rows),
                           out_shardings=self._replicated)
-        for r in sorted({bk.rows for bk in self.buckets()}):  # the penalty samplers, by row count
+        for r in sorted({bk.rows for bk in self.buckets()}):  # the full samplers, by row count
             logits = jax.ShapeDtypeStruct((self.dp * r, self.vocab_size), jnp.float32)
-            jobs.append((self._samplers, r, sampler.lower(logits, *_abstract(self._penalty_inputs(r)))))
-        fused_step = jax.jit(self._fused_fn, static_argnums=(4, 5), donate_argnums=(1,),
+            jobs.append((self._samplers, r, sampler.lower(logits, *_abstract(self._full_sampler_inputs(r))), None))
+        fused_step = jax.jit(self._fused_fn, static_argnums=(4, 5, 6), donate_argnums=(1,),
                              in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._replicated),
                              out_shardings=(self._replicated, self._cache_shardings))
         for bucket in self.decode_buckets() if self.decode_steps > 1 else []:
             packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket, fused=True)), jnp.int32)
             self._no_prev[bucket.rows] = jax.device_put(np.zeros((self.decode_steps, self.dp * bucket.rows), np.int32),
                                                         self._replicated)
-            jobs.append((self._fused, bucket, fused_step.lower(self._param_leaves, self.kv_cache, packed,
-                                                               self._no_prev[bucket.rows], bucket, self.decode_steps)))
+            for full_rank in (False, True):
+                jobs.append((self._fused, (bucket, full_rank), fused_step.lower(
+                    self._param_leaves, self.kv_cache, packed, self._no_prev[bucket.rows], bucket, self.decode_steps,
+                    full_rank), decode_options))
         lowered_at = time.perf_counter()
         with tqdm(total=len(jobs), desc="compiling", disable=not progress, unit="graph") as bar:
             def compile_one(job):
-                table, key, lowered = job
-                table[key] = lowered.compile()
+                table, key, lowered, options = job
+                table[key] = lowered.compile(options)
                 bar.update()
             with ThreadPoolExecutor(max(1, min(COMPILE_THREADS, len(jobs)))) as pool:
                 list(pool.map(compile_one, jobs))  # list(): re-raises the first failure
         if self._multihost:  # compile the broadcasts of every step's inputs too
             for bucket in self.buckets():
-                for penalties in (False, True):
-                    broadcast_one_to_all(self._header(_STEP, bucket, penalties))
-                    broadcast_one_to_all(self._payload(bucket, penalties))
+                for full in (False, True):
+                    broadcast_one_to_all(self._header(_STEP, bucket, full))
+                    broadcast_one_to_all(self._payload(bucket, full))
         end = time.perf_counter()
         self.warmup_report = {"graphs": len(jobs), "step_graphs": len(self._steps) + len(self._fused),
                               "trace_and_lower_s": lowered_at - start, "compile_s": end - lowered_at,
                               "compile_threads": min(COMPILE_THREADS, len(jobs))}
         return end - start
 
-    def _penalty_inputs(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Neutral inputs of the penalty sampler but the logits, `rows` a shard: (sampling, history, num_prompt)."""
+    def _decode_compiler_options(self) -> dict | None:
+        """XLA options of the graphs that decode plans use (see DECODE_COMMAND_BUFFERS)."""
+        if self.mesh.shape[MODEL] > 1 and self.mesh.devices.flat[0].platform == "gpu":
+            return {"xla_gpu_enable_command_buffer": DECODE_COMMAND_BUFFERS}
+        return None
+
+    def _full_sampler_inputs(self, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Neutral inputs of the full sampler but the logits, `rows` a shard: (sampling, history, num_prompt)."""
         r = self.dp * rows
         return (np.zeros((self.dp, rows * PACKED_WIDTH), np.int32), np.zeros((r, self.max_model_len), np.int32),
                 np.zeros(r, np.int32))
@@ -375,15 +397,15 @@ class ModelRunner:
         scheduled = [(d * bucket.rows + i, s) for d, plan in enumerate(plans) for i, s in enumerate(plan.seqs)]
         n = self.dp * bucket.rows
         row_params: list[RowParams | None] = [None] * n
-        penalties = False
+        full = False  # some row needs the full sampler
         for r, s in scheduled:
             if s.sample:
                 seq = seqs[s.seq_id]
                 row_params[r] = RowParams(seq.params, seq.seed, seq.num_output_tokens, suppress.get(s.seq_id, []))
-                penalties |= seq.params.uses_penalties
+                full |= seq.params.uses_penalties or needs_full_rank(seq.params, self.vocab_size)
         packed = self._with_sampling([self._pack(plan, bucket) for plan in plans], row_params)  # (dp, L)
         extras = ()
-        if penalties:
+        if full:
             history = np.full((n, self.max_model_len), -1, np.int32)
             num_prompt = np.zeros(n, np.int32)
             for r, s in scheduled:
@@ -394,7 +416,7 @@ class ModelRunner:
                     num_prompt[r] = seq.num_prompt_tokens
             extras = (np.ascontiguousarray(packed[:, -bucket.rows * PACKED_WIDTH:]), history, num_prompt)
         if self._multihost:
-            broadcast_one_to_all(self._header(_STEP, bucket, penalties))
+            broadcast_one_to_all(self._header(_STEP, bucket, full))
             packed, extras = broadcast_one_to_all((packed, extras))
         else:  # the transfers start here: the launcher thread only queues the call (see _launch)
             packed, extras = self._put((packed, extras))
@@ -442,14 +464,17 @@ class ModelRunner:
             packs.append(self._pack(plan, bucket, (src, row_steps)))
         scheduled = [(d * bucket.rows + i, s) for d, plan in enumerate(plans) for i, s in enumerate(plan.seqs)]
         row_params: list[RowParams | None] = [None] * (self.dp * bucket.rows)
+        full_rank = False
         for r, s in scheduled:
             seq = seqs[s.seq_id]
             row_params[r] = RowParams(seq.params, seq.seed, seq.num_output_tokens + (k if s.seq_id in prev_row else 0))
+            full_rank |= needs_full_rank(seq.params, self.vocab_size)
         packed = self._put(self._with_sampling(packs, row_params))
+        fused = self._fused[bucket, full_rank]
 
         def queue():
             prev = self._no_prev[bucket.rows] if after is None else after.out.result().token_ids
-            out, self.kv_cache = self._fused[bucket](self._param_leaves, self.kv_cache, packed, prev)
+            out, self.kv_cache = fused(self._param_leaves, self.kv_cache, packed, prev)
             return out
 
         want_top = _want_top(scheduled, seqs)
@@ -481,8 +506,8 @@ class ModelRunner:
         return done
 
     def _execute(self, bucket: Bucket, packed, extras: tuple):
-        """The compiled step (sampling inside), and the penalty sampler when `extras` carry the
-        packed sampling field and the penalty history; every process runs this with the same inputs."""
+        """The compiled step (sampling inside), and the full sampler when `extras` carry the packed
+        sampling field and the penalty history; every process runs this with the same inputs."""
         sampled, logits, self.kv_cache = self._steps[bucket](self._param_leaves, self.kv_cache, self._put(packed))
         return self._samplers[bucket.rows](logits, *self._put(extras)) if extras else sampled
 
@@ -495,23 +520,23 @@ class ModelRunner:
 
     # ---- several processes ---------------------------------------------------------
 
-    def _header(self, command: int, bucket: Bucket, penalties: bool) -> np.ndarray:
-        return np.asarray([command, self.buckets().index(bucket), penalties], np.int32)
+    def _header(self, command: int, bucket: Bucket, full: bool) -> np.ndarray:
+        return np.asarray([command, self.buckets().index(bucket), full], np.int32)
 
-    def _payload(self, bucket: Bucket, penalties: bool) -> tuple:
+    def _payload(self, bucket: Bucket, full: bool) -> tuple:
         """Zero host inputs of one step, shaped like what the lead broadcasts: (packed, extras)."""
-        extras = self._penalty_inputs(bucket.rows) if penalties else ()
+        extras = self._full_sampler_inputs(bucket.rows) if full else ()
         return np.zeros((self.dp, self._packed_len(bucket)), np.int32), extras
 
     def follow(self) -> None:
         """The loop of every process but the lead: run the steps the lead broadcasts until it stops."""
         buckets = self.buckets()
         while True:
-            command, index, penalties = broadcast_one_to_all(self._header(_STOP, buckets[0], False))
+            command, index, full = broadcast_one_to_all(self._header(_STOP, buckets[0], False))
             if command == _STOP:
                 return
             bucket = buckets[index]
-            packed, extras = broadcast_one_to_all(self._payload(bucket, bool(penalties)))
+            packed, extras = broadcast_one_to_all(self._payload(bucket, bool(full)))
             self._execute(bucket, packed, extras)
 
     def stop_followers(self) -> None:

@@ -19,21 +19,24 @@ log_softmax(logits), before bias, penalties, temperature and filters: the chosen
 token's logprob and the top-20 alternatives are both read from it.
 
 Cost on a (B, V) batch, XLA fusing the elementwise work into the passes:
-  * always: a logsumexp, an argmax and the exact top-20 (`top_k_exact`) over the
-    raw logits, the bias/suppress scatters (B x 64 and B x 16 entries);
-  * only if some row samples (temperature > 0): B x V threefry Gumbel draws and
-    the min-p compare;
-  * only if some row uses top-k or top-p: the 256 best of each row (`top_k_exact`),
-    and a logsumexp of the full rows for top-p without top-k; only if some row's cut
-    falls beyond those 256 (top_k > 256, or a nucleus wider than 256 tokens), one
-    sort of every row, B x V log V, the dominant cost;
+  * every row, every step: a logsumexp, an argmax and the exact top-20
+    (`top_k_exact`) over the raw logits, the bias/suppress scatters (B x 64 and
+    B x 16 entries), B x V threefry Gumbel draws, the min-p compare, and the 256
+    best of each row (`top_k_exact`) with a logsumexp, for top-k/top-p;
+  * only in the full sampler (`full_rank`), and only if some row's cut falls beyond
+    those 256 (top_k > 256, or a nucleus wider than 256 tokens): one sort of every
+    row, B x V log V, under a `lax.cond`;
   * only if history is passed (a separately traced variant): two (B, V) scatters
     of the B x H history ids (seen mask, output counts) and an elementwise pass.
-The "only if" parts sit behind `lax.cond` on the whole batch: XLA runs one branch,
-so an all-greedy batch pays neither the noise nor the ranking. Measured once on an
-H100 (B = 256, V = 128256, bf16 logits, jit'd `sample` alone): all greedy 0.6 ms,
-temperature only 0.9 ms, top-k/top-p cut within the 256 best 1.3 ms, with the full
-sort 4.1 ms.
+
+NOTE: the step's sampler has no branch. On a GPU, XLA runs a `lax.cond` by copying
+its predicate to the host and blocking there until the device reaches it, so the
+thread that queues calls cannot queue the next one ahead. Computing every row's
+noise and candidates instead costs little beside that: on an H100 (8B, batch 192)
+a fused decode step took 18.80 ms without branches against 18.98 ms with them, and
+on two H200s (tp 2, batch 1) 4.57 against 4.75 ms. Only the full sort is too costly
+to pay always; the runner reruns a step's rows through the full sampler (or uses a
+`full_rank` fused graph) only when one of them may need it (`needs_full_rank`).
 """
 
 from __future__ import annotations
@@ -349,32 +352,39 @@ def filter_mask(
     *,
     candidates: int = TOP_CANDIDATES,
     vocab: Vocab | None = None,
+    full_rank: bool = True,
 ) -> Bool[Array, "B V"]:
     """Tokens that survive top-k, top-p and min-p on temperature-scaled logits `z`.
 
-    top-k/top-p rank the `candidates` best tokens of each row (`top_k_exact`); only
-    if some row's cut falls beyond them (top_k > candidates, or a nucleus wider
-    than them) are the rows sorted in full, and that row's cut read from the sort.
+    top-k/top-p rank the `candidates` best tokens of each row (`top_k_exact`); with
+    `full_rank`, only if some row's cut falls beyond them (top_k > candidates, or a
+    nucleus wider than them) are the rows sorted in full, and that row's cut read from
+    the sort. Without it, no row may need that (`needs_full_rank` is false for each):
+    a row whose cut the candidates leave undecided keeps all its tokens.
     min-p (p >= min_p * p_max) is the same test before or after top-k/top-p
     renormalise, since the best token is always kept: z >= max(z) + log(min_p).
     Tokens tied with the last kept one are all kept; tokens at -inf never are.
     """
     vocab = vocab or Vocab.of(z.shape[-1])
-    b, v = z.shape[0], vocab.total
+    v, c = vocab.total, min(candidates, vocab.total)
     keep = (z > -jnp.inf) & (z >= vocab.max(z)[:, None] + jnp.log(min_p)[:, None])
-
-    def cut() -> Float[Array, " B"]:
-        threshold, decided = _top_k_top_p_threshold(z, top_k, top_p, min(candidates, v), vocab)
-        # undecided rows alone take the sorted answer, so no row depends on its neighbours
-        return jax.lax.cond(
+    threshold, decided = _top_k_top_p_threshold(z, top_k, top_p, c, vocab)  # (B,)
+    if full_rank and c < v:  # undecided rows alone take the sorted answer, so no row depends on its neighbours
+        threshold = jax.lax.cond(
             jnp.all(decided),
             lambda: threshold,
             lambda: jnp.where(decided, threshold, _top_k_top_p_threshold(z, top_k, top_p, v, vocab)[0]),
         )
+    return keep & (z >= threshold[:, None])  # rows without a cut: -inf
 
-    needs_cut = ((top_k > 0) & (top_k < v)) | (top_p < 1)  # (B,)
-    threshold = jax.lax.cond(jnp.any(needs_cut), cut, lambda: jnp.full((b,), -jnp.inf, z.dtype))  # (B,)
-    return keep & (z >= threshold[:, None])
+
+def needs_full_rank(params: SamplingParams, vocab_size: int, candidates: int = TOP_CANDIDATES) -> bool:
+    """Whether a row's top-k/top-p cut may fall beyond its `candidates` best tokens, so that only a
+    sampler with `full_rank` draws it right: top_k above them, or top-p without a top-k inside them."""
+    k = params.top_k if 0 < params.top_k < vocab_size else 0
+    if params.temperature < GREEDY_BELOW or k == 1 or candidates >= vocab_size:
+        return False  # greedy rows take the argmax whatever the cut
+    return k > candidates or (params.top_p < 1 and k == 0)
 
 
 def _gumbel(seed: UInt32[Array, " B"], step: Int[Array, " B"], vocab: Vocab) -> Float[Array, "B V"]:
@@ -394,11 +404,12 @@ def _gumbel(seed: UInt32[Array, " B"], step: Int[Array, " B"], vocab: Vocab) -> 
     return jax.vmap(row)(seed, step)
 
 
-def _sample_tokens(z: Float[Array, "B V"], t: SamplingTensors, greedy: Bool[Array, " B"],
-                   vocab: Vocab) -> Int[Array, " B"]:
-    """Steps 3-5; greedy rows get no noise, so their argmax is that of `z`."""
+def _sample_tokens(z: Float[Array, "B V"], t: SamplingTensors, vocab: Vocab, full_rank: bool) -> Int[Array, " B"]:
+    """Steps 3-5; greedy rows get no noise, and their cut always keeps their best token, so
+    their token is the argmax of `z`."""
+    greedy = (t.temperature < GREEDY_BELOW) | (t.top_k == 1)  # (B,)
     zt = z / jnp.where(greedy, 1.0, t.temperature)[:, None]  # (B, V)
-    keep = filter_mask(zt, t.top_k, t.top_p, t.min_p, vocab=vocab)
+    keep = filter_mask(zt, t.top_k, t.top_p, t.min_p, vocab=vocab, full_rank=full_rank)
     noise = jnp.where(greedy[:, None], 0.0, _gumbel(t.seed, t.step, vocab))
     return vocab.argmax(jnp.where(keep, zt + noise, -jnp.inf))
 
@@ -411,24 +422,21 @@ def sample(
     *,
     num_top_logprobs: int = MAX_LOGPROBS,
     vocab_axis: str | None = None,
+    full_rank: bool = True,
 ) -> SampleOutput:
-    """Sample one token per row; jit-compatible, `num_top_logprobs` static.
+    """Sample one token per row; jit-compatible, `num_top_logprobs` and `full_rank` static.
 
     Pass `history` and `num_prompt` (see `process_logits`) only when some row uses
     penalties; without them no penalty work is traced at all. Inside a shard_map whose
     logits are split over the vocabulary on mesh axis `vocab_axis`, every shard returns
-    the same whole answer (see `Vocab`).
+    the same whole answer (see `Vocab`). Without `full_rank` the sampler has no branch
+    (see the module's NOTE) and no row may need one (`needs_full_rank`).
     """
     raw = logits.astype(jnp.float32)  # (B, V)
     vocab = Vocab.of(raw.shape[-1], vocab_axis)
     lse = vocab.logsumexp(raw)  # (B,)
     z = process_logits(raw, t, history, num_prompt, vocab)
-    greedy = (t.temperature < GREEDY_BELOW) | (t.top_k == 1)  # (B,)
-    token_ids = jax.lax.cond(
-        jnp.all(greedy),
-        lambda: vocab.argmax(z),
-        lambda: _sample_tokens(z, t, greedy, vocab),
-    ).astype(jnp.int32)  # (B,)
+    token_ids = _sample_tokens(z, t, vocab, full_rank).astype(jnp.int32)  # (B,)
     logprobs = vocab.take(raw, token_ids) - lse
     top_values, top_ids = vocab.top_k(raw, min(num_top_logprobs, vocab.total))  # (B, K)
     return SampleOutput(token_ids, logprobs, top_ids.astype(jnp.int32), top_values - lse[:, None])

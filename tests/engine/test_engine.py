@@ -13,6 +13,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.engine import LLMEngine
 from engine.config import EngineConfig
+from engine.sampling import needs_full_rank
 from compiles import recorded_compiles
 from models.default import default_model_path
 
@@ -131,18 +132,20 @@ def test_fused_decode_matches_hf_and_compiles_nothing():
     calls = []
     dispatch_fused = llm.engine.runner.dispatch_fused
     llm.engine.runner.dispatch_fused = lambda *a, **kw: calls.append(1) or dispatch_fused(*a, **kw)
+    # a nucleus without top-k may reach past the sampler's candidates: those calls take the full sampler
+    nucleus = SamplingParams(temperature=5.0, top_p=0.99, seed=6, max_tokens=n)  # flat: wider than 256 tokens
+    assert needs_full_rank(nucleus, llm.engine.model_config.vocab_size)
+    sampled = [SamplingParams(temperature=1.0, seed=5, max_tokens=n), nucleus]
     with recorded_compiles() as compiles:
         outs = llm.generate([c["prompt_ids"] for c in cases], greedy(n), use_tqdm=False)
-        seeded = [llm.generate([c["prompt_ids"] for c in cases], SamplingParams(temperature=1.0, seed=5, max_tokens=n),
-                               use_tqdm=False) for _ in range(2)]
+        seeded = [[llm.generate([c["prompt_ids"] for c in cases], p, use_tqdm=False) for p in sampled] for _ in range(2)]
     assert calls, "no step was fused"
     assert [o.outputs[0].token_ids for o in outs] == [c["new_ids"] for c in cases]
     assert compiles == []
     single = _tiny_llm(folder)  # decode_steps 1 on CPU
-    again = single.generate([c["prompt_ids"] for c in cases], SamplingParams(temperature=1.0, seed=5, max_tokens=n),
-                            use_tqdm=False)
-    for o in seeded:
-        assert [x.outputs[0].token_ids for x in o] == [x.outputs[0].token_ids for x in again]
+    again = [single.generate([c["prompt_ids"] for c in cases], p, use_tqdm=False) for p in sampled]
+    for run in seeded:
+        assert [[x.outputs[0].token_ids for x in o] for o in run] == [[x.outputs[0].token_ids for x in o] for o in again]
 
 
 def test_pipelined_decode_matches_single_steps():

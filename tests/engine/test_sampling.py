@@ -23,13 +23,14 @@ from engine.sampling import (
     SamplingTensors,
     _top_k_top_p_threshold,
     filter_mask,
+    needs_full_rank,
     process_logits,
     sample,
     top_k_exact,
 )
 
-sample_jit = jax.jit(sample, static_argnames="num_top_logprobs")
-filter_jit = jax.jit(filter_mask, static_argnames="candidates")
+sample_jit = jax.jit(sample, static_argnames=("num_top_logprobs", "full_rank"))
+filter_jit = jax.jit(filter_mask, static_argnames=("candidates", "full_rank"))
 V_BIG = 300  # > TOP_CANDIDATES, so top-k/top-p first try the candidates
 N_DRAWS = 20_000
 P_MIN = 1e-3  # chi-square significance; seeds are fixed, so a pass stays a pass
@@ -151,6 +152,48 @@ def test_filter_mask_matches_reference():
     np.testing.assert_array_equal(decided, np.where(k_on, k <= c, (p >= 1) | (nucleus <= c)))
     cut = np.stack([ref_mask(z[i], s[0], s[1], 0.0) for i, s in enumerate(settings)])
     np.testing.assert_array_equal((z >= threshold[:, None])[decided] & (z > -np.inf)[decided], cut[decided])
+
+
+def test_without_full_rank_rows_that_do_not_need_it_get_the_same_cut_and_token():
+    """The sampler without `full_rank` ranks only each row's candidates; every row that
+    needs_full_rank clears gets the reference mask, and the same token as the full sampler."""
+    v, c, settings = 50, 6, []
+    for top_k in (0, 1, 3, 6, 7, 49, 50, 80):
+        for top_p in (1.0, 0.95, 0.6, 0.05):
+            settings.append((top_k, top_p))
+    z = random_logits(len(settings), v, seed=5)
+    k, p = (np.array(x) for x in zip(*settings))
+    args = jnp.asarray(z), jnp.asarray(k, jnp.int32), jnp.asarray(p, jnp.float32), jnp.zeros(len(settings))
+    fits = np.array([not needs_full_rank(SamplingParams(temperature=1.0, top_k=a, top_p=b), v, c) for a, b in settings])
+    assert 0 < fits.sum() < len(settings)
+    assert fits.tolist() == [(0 < a <= c) or (top_p >= 1 and not c < a < v) for a, top_p in settings]
+    ref = np.stack([ref_mask(z[i], a, b, 0.0) for i, (a, b) in enumerate(settings)])
+    got = np.asarray(filter_jit(*args, candidates=c, full_rank=False))
+    np.testing.assert_array_equal(got[fits], ref[fits])
+
+    logits = random_logits(8, V_BIG, seed=6)
+    rows = [row(seed=1, temperature=1.0), row(seed=2, temperature=0.7, top_k=40, top_p=0.8),
+            row(seed=3, temperature=1.3, top_k=TOP_CANDIDATES, min_p=0.01), row(temperature=0.0, top_p=0.5),
+            row(seed=4, temperature=1.0, top_k=1), None, row(seed=5, temperature=2.0, logit_bias={3: 1.0}),
+            row(seed=6, temperature=0.9, top_p=0.99)]
+    tensors = SamplingTensors.build(rows, 8)
+    fast, full = (sample_jit(logits, tensors, full_rank=f) for f in (False, True))
+    ok = [r is not None and not needs_full_rank(r.params, V_BIG) for r in rows]
+    assert ok == [True] * 5 + [False, True, False]
+    np.testing.assert_array_equal(np.asarray(fast.token_ids)[ok], np.asarray(full.token_ids)[ok])
+    np.testing.assert_array_equal(np.asarray(fast.logprobs), np.asarray(full.logprobs))
+
+
+def test_only_the_full_sampler_branches():
+    """On a GPU, XLA runs a lax.cond (or a loop of unknown length) by reading its predicate back to
+    the host, which blocks the thread that queues the calls until the device gets there: the
+    step's sampler has neither (threefry's loop of rounds has a known trip count)."""
+    logits = jnp.zeros((8, V_BIG))
+    tensors = SamplingTensors.build([row(temperature=1.0, top_p=0.9)], 8)
+    hlo = {f: sample_jit.lower(logits, tensors, full_rank=f).compile().as_text() for f in (False, True)}
+    assert " conditional(" not in hlo[False]
+    assert all("known_trip_count" in line for line in hlo[False].splitlines() if " while(" in line)
+    assert " conditional(" in hlo[True]
 
 
 def test_penalties_bias_and_suppress_match_reference():

@@ -120,25 +120,27 @@ def test_fused_decode_on_a_mesh_matches_one_device(one_device, dp, tp):
     # Collectives of a fused call: the model's all-reduces of (tokens, hidden) activations over the
     # model axis (two a layer, one for the vocabulary-split embedding); the sampler's merges of its
     # vocabulary shards' results, none wider than (rows, shards x candidates), but for one gather
-    # of the logits that only the full-sort fallback runs; and the gathers of the call's outputs.
-    # Left to XLA, the row-wise sampler would gather the logits every step, or pay a collective
-    # per reduction.
+    # of the logits that only the full-sort fallback of a `full_rank` graph runs; and the gathers of
+    # the call's outputs. Left to XLA, the row-wise sampler would gather the logits every step, or
+    # pay a collective per reduction. The other graphs have no branch at all (test_sampling).
     layers, cfg = engine.model_config.num_layers, engine.model_config
-    for exe in engine.runner._fused.values():
+    for (_, full_rank), exe in engine.runner._fused.items():
         found = [(kind, [int(d) for d in dims.split(",") if d])
                  for dims, kind in re.findall(r"= \w+\[([\d,]*)\]\S* (all-reduce|all-gather)(?:-start)?\(", exe.as_text())]
         activations = [dims for kind, dims in found if kind == "all-reduce" and dims[-1:] == [cfg.hidden_size]]
         whole_rows = [kind for kind, dims in found if cfg.vocab_size in dims]
         rest = [dims for kind, dims in found if dims[-1:] != [cfg.hidden_size] and cfg.vocab_size not in dims]
         assert len(activations) == (2 * layers + 1 if tp > 1 else 0), activations
-        assert whole_rows == (["all-gather"] if tp > 1 else []), whole_rows
+        assert whole_rows == (["all-gather"] if tp > 1 and full_rank else []), whole_rows
+        assert (" conditional(" in exe.as_text()) == full_rank
         assert all(_in_a_branch(exe.as_text(), f"{cfg.vocab_size}]") for _ in whole_rows)
         assert max(math.prod(dims) for dims in rest) <= runner_rows(engine) * 2 * tp * TOP_CANDIDATES, rest
+    assert not any(" conditional(" in exe.as_text() for exe in engine.runner._steps.values())
 
 
 def runner_rows(engine) -> int:
     """Sampler rows of the widest fused call, over all data shards and steps."""
-    return engine.runner.decode_steps * engine.runner.dp * max(bk.rows for bk in engine.runner._fused)
+    return engine.runner.decode_steps * engine.runner.dp * max(bk.rows for bk, _ in engine.runner._fused)
 
 
 def _in_a_branch(hlo: str, shape: str) -> bool:
