@@ -434,11 +434,10 @@ class ModelRunner:
         """One step's sampler output (host arrays) for every chunk that sampled (with the top
         logprobs when some sequence asked for logprobs)."""
         token_ids, logprobs, top_ids, top_lps = out
-        return {
-            s.seq_id: Sampled(int(token_ids[r]), float(logprobs[r]),
-                              top_ids[r] if want_top else None, top_lps[r] if want_top else None)
-            for r, s in scheduled if s.sample
-        }
+        token_ids, logprobs = token_ids.tolist(), logprobs.tolist()  # Python numbers in one pass each
+        if not want_top:
+            return {s.seq_id: Sampled(token_ids[r], logprobs[r], None, None) for r, s in scheduled if s.sample}
+        return {s.seq_id: Sampled(token_ids[r], logprobs[r], top_ids[r], top_lps[r]) for r, s in scheduled if s.sample}
 
     def dispatch_fused(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence], steps: dict[str, int],
                        after: Call | None = None) -> Call:

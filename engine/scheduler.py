@@ -236,22 +236,23 @@ class Scheduler:
 
     def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Sequence]:
         """Record a step's results: computed tokens, sampled tokens, and who finished."""
-        cfg, touched = self.config, []
-        for sched in plan.seqs:
-            seq = self._seqs.get(sched.seq_id)
+        touched, seqs, eos, max_len = [], self._seqs, self.eos_token_ids, self.config.max_model_len
+        for sched in plan.seqs:  # NOTE: the hot loop of recording a step (locals, no properties)
+            seq = seqs.get(sched.seq_id)
             if seq is None or seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted or finished between schedule() and update()
             seq.num_computed_tokens += len(sched.token_ids)
             if not sched.sample:
                 continue
             token = sampled[sched.seq_id]
-            seq.output_token_ids.append(token)
-            p = seq.params
-            if seq.num_output_tokens >= p.min_tokens and p.stop_token_ids and token in p.stop_token_ids:
+            out = seq.output_token_ids
+            out.append(token)
+            p, n = seq.params, len(out)
+            if n >= p.min_tokens and p.stop_token_ids and token in p.stop_token_ids:
                 self._finish(seq, "stop", token)
-            elif seq.num_output_tokens >= p.min_tokens and not p.ignore_eos and token in self.eos_token_ids:
+            elif n >= p.min_tokens and not p.ignore_eos and token in eos:
                 self._finish(seq, "stop")
-            elif seq.num_output_tokens == p.max_tokens or seq.num_tokens >= cfg.max_model_len:
+            elif n == p.max_tokens or n + len(seq.prompt_token_ids) >= max_len:
                 self._finish(seq, "length")  # outputs grow one at a time, so == catches max_tokens
             touched.append(seq)
         return touched
