@@ -111,19 +111,19 @@ def choose_num_prompts(requested: int, input_len: int, output_len: int, p: dict,
 @contextlib.contextmanager
 def step_kinds(engine):
     """Record every call the engine queues and reads back: its kind (a single step of decodes
-    only or carrying prompt tokens; a fused call, "pipelined" when the next call was queued
-    behind it before it was read), the host's time inside the dispatch that queued it (its
-    inputs built and handed to the runner's launcher thread) and inside the read (waiting for
-    the device). The rest of the run's time is host work: scheduling, recording, detokenizing."""
+    only or carrying prompt tokens, or a fused call), whether it was queued ahead (while
+    another call was in flight, unread), the host's time inside the dispatch that queued it
+    (its inputs built and handed to the runner's launcher thread) and inside the read
+    (waiting for the device). The rest of the run's time is host work: scheduling,
+    recording, detokenizing."""
     runner, log, kinds = engine.runner, [], {}
-    in_flight = [0]
     dispatch, dispatch_fused, collect = runner.dispatch, runner.dispatch_fused, runner.collect
 
     def queued(queue, kind, *args, **kwargs):
+        ahead = bool(kinds)  # a call is in flight
         t0 = time.perf_counter()
         call = queue(*args, **kwargs)
-        kinds[id(call)] = (kind, time.perf_counter() - t0)
-        in_flight[0] += 1
+        kinds[id(call)] = (kind, ahead, time.perf_counter() - t0)
         return call
 
     def dispatch_(plans, *args):
@@ -134,13 +134,12 @@ def step_kinds(engine):
         return queued(dispatch_fused, "fused", *args, **kwargs)
 
     def collect_(call):
-        kind, dispatch_s = kinds.pop(id(call))
-        if kind == "fused":
-            kind = "fused_pipelined" if in_flight[0] > 1 else "fused_last"
+        if id(call) not in kinds:  # queued before the recording began
+            return collect(call)
+        kind, ahead, dispatch_s = kinds.pop(id(call))
         t0 = time.perf_counter()
         out = collect(call)
-        in_flight[0] -= 1
-        log.append({"kind": kind, "dispatch_s": dispatch_s, "wait_s": time.perf_counter() - t0})
+        log.append({"kind": kind, "ahead": ahead, "dispatch_s": dispatch_s, "wait_s": time.perf_counter() - t0})
         return out
 
     runner.dispatch, runner.dispatch_fused, runner.collect = dispatch_, dispatch_fused_, collect_
@@ -151,10 +150,11 @@ def step_kinds(engine):
 
 
 def summarize_step_kinds(log) -> dict:
-    """Per kind of call: how many, and the host's total time dispatching and reading them (see `step_kinds`)."""
-    groups = {k: [e for e in log if e["kind"] == k]
-              for k in ("single_decode_only", "single_with_prompt_tokens", "fused_pipelined", "fused_last")}
-    return {k: {"count": len(v), "dispatch_s": float(sum(e["dispatch_s"] for e in v)),
+    """Per kind of call: how many, how many were queued ahead, and the host's total time
+    dispatching and reading them (see `step_kinds`)."""
+    groups = {k: [e for e in log if e["kind"] == k] for k in ("single_decode_only", "single_with_prompt_tokens", "fused")}
+    return {k: {"count": len(v), "queued_ahead": sum(e["ahead"] for e in v),
+                "dispatch_s": float(sum(e["dispatch_s"] for e in v)),
                 "wait_s": float(sum(e["wait_s"] for e in v))} for k, v in groups.items()}
 
 
@@ -286,7 +286,8 @@ def run_throughput(engine, args, ceilings: dict, log=print) -> tuple[dict, dict]
         f"(floor {floor['output_tok_s']:.0f} output tok/s; {m['num_preemptions']} preemptions)")
     kinds = m["step_kinds"]
     rest = m["elapsed_time"] - sum(v["dispatch_s"] + v["wait_s"] for v in kinds.values())
-    log("calls: " + ", ".join(f"{k} {v['count']} (dispatch {v['dispatch_s']:.1f} s, read {v['wait_s']:.1f} s)"
+    log("calls: " + ", ".join(f"{k} {v['count']} ({v['queued_ahead']} queued ahead; dispatch {v['dispatch_s']:.1f} s, "
+                              f"read {v['wait_s']:.1f} s)"
                               for k, v in kinds.items()) + f"; other host time {rest:.1f} s")
     return m, {"ceilings": ceilings, "offline": floor}
 

@@ -49,7 +49,7 @@ class DataParallelScheduler:
 
     def can_admit_waiting(self) -> bool:
         """Whether some shard has a waiting sequence and a free seat for it."""
-        return any(s.num_waiting and s.num_running < s.config.max_num_seqs for s in self.shards)
+        return any(s.num_waiting and s.num_seats_free > 0 for s in self.shards)
 
     def has_unfinished(self) -> bool:
         return any(s.has_unfinished() for s in self.shards)
@@ -93,6 +93,10 @@ class DataParallelScheduler:
 
     def update(self, plans: tuple[StepPlan, ...], sampled: dict[str, int]) -> list[Sequence]:
         return [seq for shard, plan in zip(self.shards, plans) for seq in shard.update(plan, sampled)]
+
+    def advance(self, plans: tuple[StepPlan, ...], steps: dict[str, int] | None = None) -> None:
+        for shard, plan in zip(self.shards, plans):
+            shard.advance(plan, steps)
 
     def reserve_ahead(self, plans: tuple[StepPlan, ...], steps: dict[str, int]) -> tuple[StepPlan, ...] | None:
         """Scheduler.reserve_ahead on every shard; None if any shard is short of pages."""

@@ -2,12 +2,13 @@
 
     plan = scheduler.schedule()        # which sequences, how many tokens, which pages
     call = runner.dispatch(plan, ...)  # one compiled step queued on the device
+    scheduler.advance(plan)            # its tokens count as computed, its samples as pending
     out  = runner.collect(call)        # its sampled ids back
     scheduler.update(plan, out)        # append tokens, finish on EOS / length
 
 then the output side detokenizes incrementally and applies stop strings. `step()` runs
-these verbs shifted by one call, so that the device is never idle while the host
-detokenizes (see its NOTE). Both the offline `LLM` and the server's `AsyncEngine` drive
+these verbs shifted by one call (the next call is queued before this one is read), so
+the device never waits for the host (see its NOTE). Both the offline `LLM` and the server's `AsyncEngine` drive
 this class.
 
 On a mesh with dp data shards, `schedule()` gives one plan per shard (each shard
@@ -17,7 +18,6 @@ engine and the others call `follow()`.
 """
 
 import atexit
-import dataclasses
 import logging
 import os
 import time
@@ -34,7 +34,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.params import CompletionOutput, Logprob, ParamError, RequestOutput, SamplingParams
 from engine.runner import ModelRunner, Sampled
 from engine.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS
-from engine.scheduler import SchedulerConfig, StepPlan
+from engine.scheduler import SchedulerConfig
 from engine.sequence import Sequence
 from engine.source import load_model_and_tokenizer
 from models import allocate_kv_cache, kv_cache_bytes_per_page
@@ -116,7 +116,7 @@ class LLMEngine:
         del self.kv_cache  # the runner owns (and donates) the only reference
         self.warmup_seconds = self.runner.warmup(progress=progress)
         self._requests: dict[str, _Request] = {}
-        self._inflight = None  # (plans, runner.Call): the call queued on the device, not yet recorded
+        self._inflight = None  # _dispatch's (plans, runner.Call, ahead_ok): the call queued, not yet recorded
         if jax.process_count() > 1 and jax.process_index() == 0:
             atexit.register(self.shutdown)  # followers wait for the lead's word to stop
 
@@ -206,14 +206,17 @@ class LLMEngine:
     def step(self, before_schedule: Callable[[], object] | None = None) -> list[RequestOutput]:
         """Run one call on the device; returns the requests that changed (cumulative outputs).
 
-        NOTE: a call (a step, or a fused call of several decode steps) stays queued on the
-        device across step() returns. step() reads the call in flight, records its tokens in
-        the scheduler, queues the next call, and only then turns the tokens into text and
-        outputs, while the device computes. A fused call that can go on is queued behind the
-        one in flight before that one is read (`_continue_fused`). Sequences with stop
-        strings are decoded before the next call is planned, since their text may end them.
-        `before_schedule` runs right before a schedule(), and before a fused call would be
-        continued (a server adds what arrived meanwhile).
+        NOTE: the host plans and queues each call before it reads the one in flight, so the
+        device goes from call to call without waiting for the host. A call (a step, or a
+        fused call of several decode steps) stays queued across step() returns; step()
+        schedules the next call with the scheduler advanced past the one in flight (its
+        sampled tokens pending, engine.sequence's NOTE), queues it, and only then reads the
+        call in flight, records its tokens and turns them into text while the device
+        computes. A sequence that the call in flight ends on a token (EOS, a stop token or
+        string) runs in the next call as well, and that call's token for it is dropped.
+        The host must read a call before it plans the next when the next needs its tokens
+        on the host: a sequence with penalties (the penalty history).
+        `before_schedule` runs right before each schedule() (a server adds what arrived).
         """
         if jax.process_index() != 0:
             raise RuntimeError(f"process {jax.process_index()} of a multi-host run only executes process 0's steps: "
@@ -223,21 +226,20 @@ class LLMEngine:
             self._inflight = self._dispatch(touched)
             if self._inflight is None:
                 return self._outputs(touched)
-        plans, call = self._inflight
-        if call.fused and before_schedule is not None:
-            before_schedule()  # a request that arrived ends the fused chain, so it waits one call at most
-        follow = self._continue_fused(plans, call) if call.fused else None
-        later = self._record(plans, self.runner.collect(call), touched)
-        if follow is None and before_schedule is not None:
+        plans, call, ahead_ok = self._inflight
+        if before_schedule is not None:
             before_schedule()
-        self._inflight = follow or self._dispatch(touched)
+        ahead = self._dispatch(touched) if ahead_ok else None
+        later = self._record(plans, self.runner.collect(call), touched)
+        self._inflight = ahead or self._dispatch(touched)
         for comp, sampled in later.items():  # the device runs the next call meanwhile
             self._emit(comp, sampled)
         return self._outputs(touched)
 
     def _dispatch(self, touched: dict[str, _Request]):
-        """Schedule and queue the next call: (plans, Call), or None when nothing is to run.
-        Requests whose sequences the schedule released (finished or aborted) join `touched`."""
+        """Schedule and queue the next call: (plans, runner.Call, whether the call after it may be
+        planned before this one is read), or None when nothing is to run. Requests whose
+        sequences the schedule released (finished or aborted) join `touched`."""
         plans = self.scheduler.schedule()  # one per data shard
         for seq_id in (f for plan in plans for f in plan.freed):  # aborted requests show up here
             rid = self._request_of(seq_id)
@@ -248,9 +250,14 @@ class LLMEngine:
             return None
         fused = self._reserve_fused(plans, seqs)
         if fused is None:
-            return plans, self.runner.dispatch(plans, seqs, self._suppressed(seqs))
-        plans, steps = fused
-        return plans, self.runner.dispatch_fused(plans, seqs, steps)
+            steps = None
+            call = self.runner.dispatch(plans, seqs, self._suppressed(seqs))
+        else:
+            plans, steps = fused
+            call = self.runner.dispatch_fused(plans, seqs, steps)
+        self.scheduler.advance(plans, steps)
+        ahead_ok = not any(s.sample and seqs[s.seq_id].params.uses_penalties for plan in plans for s in plan.seqs)
+        return plans, call, ahead_ok
 
     def _record(self, plans, steps: list[dict[str, Sampled]], touched: dict[str, _Request]):
         """Record the sampled tokens of a call's steps in the scheduler. Returns what is left to
@@ -263,7 +270,7 @@ class LLMEngine:
                     continue
                 comp = req.completions[seq.index]
                 touched[req.request_id] = req
-                if comp.detok.stop:  # its text may end it before the call's next step
+                if comp.detok.stop:  # its text may end it: finish it before the next schedule()
                     self._emit(comp, [sampled[seq.seq_id]])
                 else:
                     later.setdefault(comp, []).append(sampled[seq.seq_id])
@@ -276,13 +283,13 @@ class LLMEngine:
                 del self._requests[r.request_id]
         return outputs
 
-    def _reserve_fused(self, plans, seqs: dict[str, Sequence], ahead: int = 0):
+    def _reserve_fused(self, plans, seqs: dict[str, Sequence]):
         """(plans grown for one fused call, steps per sequence), or None when a single step is due.
 
         Fusing pays when nothing could join meanwhile (no waiting sequence, or no free seat for
         one), every sequence is decoding, and nothing changes per step on the host (penalty
         history, min_tokens suppression). A sequence that reaches its length inside the call
-        decodes only up to it (`ahead` tokens fewer when the call follows one not yet recorded).
+        decodes only up to it.
         """
         k = self.runner.decode_steps
         if k < 2 or not seqs or self.scheduler.can_admit_waiting():
@@ -294,42 +301,13 @@ class LLMEngine:
                 p = seq.params
                 if len(s.token_ids) != 1 or not s.sample or p.uses_penalties or seq.num_output_tokens < p.min_tokens:
                     return None
-                steps[s.seq_id] = min(k, self._tokens_left(seq) - ahead)
+                steps[s.seq_id] = min(k, self._tokens_left(seq))
         grown = self.scheduler.reserve_ahead(plans, steps)
         return None if grown is None else (grown, steps)
 
-    def _continue_fused(self, plans, call):
-        """Queue the fused call that follows `call` (still in flight), or None to stop and schedule.
-
-        It carries the same sequences minus those already finished and those `call` takes to
-        their length, each advanced by `decode_steps` positions; the device feeds it `call`'s
-        last tokens. A sequence that finishes inside `call` on a token (EOS, a stop) still
-        runs in it, and its tokens are dropped when recorded; its pages are freed only at the
-        next schedule(), after both calls, so the writes of a sequence that ended never land
-        in another's pages. Stops on anything a schedule() must see: a request that could
-        join, an abort, a pool short of pages.
-        """
-        k = self.runner.decode_steps
-        nxt, seqs = [], {}
-        for plan in plans:
-            keep = []
-            for s in plan.seqs:
-                seq = self._seq(s.seq_id, missing_ok=True)  # None: its request finished altogether
-                if seq is not None and seq.finish_reason == "abort":
-                    return None
-                if seq is None or seq.finish_reason is not None or self._tokens_left(seq) <= k:
-                    continue
-                keep.append(dataclasses.replace(s, start_pos=s.start_pos + k))
-                seqs[s.seq_id] = seq
-            nxt.append(StepPlan(tuple(keep), preempted=(), freed=()))
-        fused = self._reserve_fused(tuple(nxt), seqs, ahead=k)
-        if fused is None:
-            return None
-        grown, steps = fused
-        return grown, self.runner.dispatch_fused(grown, seqs, steps, after=call)
-
     def _tokens_left(self, seq: Sequence) -> int:
-        """Tokens `seq` may still generate (its max_tokens, or the model length, whichever ends first)."""
+        """Tokens `seq` may still generate (its max_tokens, or the model length, whichever ends first),
+        counting its pending tokens as generated."""
         return min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
 
     def _seq(self, seq_id: str, missing_ok: bool = False) -> Sequence | None:

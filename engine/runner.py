@@ -11,14 +11,17 @@ is updated in place and the runner holds the only reference to it.
 
 Packed int32 layout of one step (offsets are static per bucket), one row per data shard:
 
-    [ tokens T | positions T | slots T | token_seq T | block_tables B*P | seq_lens B | qsl B+1 | logit_rows B
-      (| src T | steps B, of a fused call) | sampling B*W ]
+    [ tokens T | positions T | slots T | token_seq T | src T | block_tables B*P | seq_lens B | qsl B+1
+      | logit_rows B (| steps B, of a fused call) | sampling B*W ]
 
 sampling holds the rows' SamplingTensors.pack (W = PACKED_WIDTH int32 columns a row).
-In a fused decode call, token i's input is the last token the previous fused call
-sampled in row src[i] (when src[i] >= 0), which lets the host queue
-call N+1 before it has read call N's tokens (engine.LLMEngine pipelines decode this way);
-row b decodes in the first steps[b] steps of the call and idles after (it reached its length).
+NOTE: the host queues call N+1 before it has read call N's tokens (engine.LLMEngine.step).
+A decode whose token N samples carries engine.sequence.PENDING, and src[i] >= 0 says
+where token i is on the device: every call returns `last`, (dp, R) with R the most rows
+of any bucket, shard d's row r holding the last token that call sampled for it, and
+the next call reads `prev[d, src[i]]` (the previous call's `last`; rows keep their shard).
+In a fused decode call row b decodes in the first steps[b] steps and idles after (it
+reached its length).
 
 NOTE: on a ("data", "model") mesh every array has a fixed sharding, given to the
 compiled steps as explicit in/out shardings, so nothing moves or recompiles
@@ -53,7 +56,7 @@ from tqdm import tqdm
 
 from engine.sampling import PACKED_WIDTH, RowParams, SamplingTensors, needs_full_rank, sample
 from engine.scheduler import StepPlan
-from engine.sequence import Sequence
+from engine.sequence import PENDING, Sequence
 from models.attention import AttentionMetadata
 from sharding import DATA, MODEL, logical_to_spec, make_mesh, named_sharding
 
@@ -159,7 +162,10 @@ class ModelRunner:
         # compiled fused decode steps, for buckets a decode plan uses, by (bucket, full_rank)
         self._fused: dict[tuple[Bucket, bool], object] = {}
         self.warmup_report: dict = {}  # what warm-up compiled and where its time went
-        self._no_prev: dict[int, jax.Array] = {}  # rows -> `prev` of a fused call that follows none
+        self._max_rows = max(bk.rows for bk in self.buckets())  # R of `last`
+        # the `last` of the call queued most recently (launcher thread), and its rows by sequence (host)
+        self._last = self._put(np.zeros((self.dp, self._max_rows), np.int32))
+        self._last_rows: dict[str, int] = {}
         # NOTE: compiled calls are queued from one launcher thread, in order. On the GPU a call
         # with a branch (the full sampler, a full_rank fused call) returns only once the device
         # reaches it (XLA reads the predicate back to the host): queued from the engine's thread,
@@ -182,17 +188,24 @@ class ModelRunner:
         largest = next(t for t in self.token_buckets if t >= min(self.max_num_seqs, self.token_buckets[-1]))
         return [bk for bk in self.buckets() if bk.tokens <= largest]
 
-    def _unpack(self, packed, bucket: Bucket, fused: bool = False):
-        """(dp, L) packed rows -> flat tokens and metadata over all shards, the logit rows, the
-        sampling tensors (and, for a fused call, the src and steps fields)."""
+    def _unpack(self, packed, prev, bucket: Bucket, fused: bool = False):
+        """(dp, L) packed rows -> flat tokens (pending ones read from `prev`) and metadata over all
+        shards, the logit rows, the sampling tensors (and, for a fused call, the steps field)."""
         t, b, p = bucket.tokens, bucket.rows, bucket.pages
         dp = packed.shape[0]  # packed: (dp, L), one row per data shard
-        sizes = [t, t, t, t, b * p, b, b + 1, b] + ([t, b] if fused else [])
-        *fields, sampling = jnp.split(packed, np.cumsum(sizes), axis=1)
-        tokens, positions, slots, token_seq, tables, seq_lens, qsl, rows, *src = (f.reshape(-1) for f in fields)
+        sizes = [t, t, t, t, t, b * p, b, b + 1, b] + ([b] if fused else [])
+        tokens, *fields, sampling = jnp.split(packed, np.cumsum(sizes), axis=1)
+        src = fields[3]  # (dp, T), rows of this shard in `prev`: the gather stays within the shard
+        tokens = jnp.where(src >= 0, jnp.take_along_axis(prev, jnp.maximum(src, 0), axis=1), tokens).reshape(-1)
+        positions, slots, token_seq, _, tables, seq_lens, qsl, rows, *steps = (f.reshape(-1) for f in fields)
         meta = AttentionMetadata(positions=positions, slot_mapping=slots, token_seq=token_seq,
                                  block_tables=tables.reshape(dp * b, p), seq_lens=seq_lens, query_start_loc=qsl)
-        return (tokens, meta, rows, SamplingTensors.unpack(sampling.reshape(dp * b, PACKED_WIDTH)), *src)
+        return (tokens, meta, rows, SamplingTensors.unpack(sampling.reshape(dp * b, PACKED_WIDTH)), *steps)
+
+    def _last_of(self, token_ids):
+        """`last` of a call: (dp * B,) token ids of its rows -> (dp, R), zeros past row B."""
+        rows = token_ids.reshape(self.dp, -1)
+        return jnp.pad(rows, ((0, 0), (0, self._max_rows - rows.shape[1])))
 
     def _logits(self, model, hidden, rows, bucket: Bucket):
         """(dp * B, V) float32 logits of each row's last token."""
@@ -200,28 +213,28 @@ class ModelRunner:
         last = jnp.take_along_axis(hidden.reshape(dp, bucket.tokens, -1), rows.reshape(dp, bucket.rows, 1), axis=1)
         return model.logits(last.reshape(dp * bucket.rows, -1))
 
-    def _step_fn(self, param_leaves, kv_cache, packed, bucket: Bucket):
-        """One step and its sampling (without penalties or full ranking); the logits come back too,
-        for the full sampler when some row needs it (it then replaces the sampled tokens)."""
-        tokens, meta, rows, tensors = self._unpack(packed, bucket)
+    def _step_fn(self, param_leaves, kv_cache, packed, prev, bucket: Bucket):
+        """One step and its sampling (without penalties or full ranking), and its `last`; the logits
+        come back too, for the full sampler when some row needs it (it then replaces the sampled tokens)."""
+        tokens, meta, rows, tensors = self._unpack(packed, prev, bucket)
         model = nnx.merge(self.graphdef, jax.tree.unflatten(self._param_tree, param_leaves))
         hidden, kv_cache = model(tokens, kv_cache, meta)  # (dp * T, E)
         logits = self._logits(model, hidden, rows, bucket)
-        return self._sample_rows(logits, tensors), logits, kv_cache
+        sampled = self._sample_rows(logits, tensors)
+        return sampled, self._last_of(sampled.token_ids), logits, kv_cache
 
     def _fused_fn(self, param_leaves, kv_cache, packed, prev, bucket: Bucket, steps: int, full_rank: bool):
         """`steps` decode steps in one call: each row's sampled token is the next step's input.
 
         Only for plans of decodes (token i of shard d is row i), with pages already held
-        for every position the steps reach. `prev` is the token ids of the previous fused
-        call (steps, dp * B), read where the packed src field says. A row past its own step
-        count computes on (its outputs are dropped) without advancing, writing to the trash
-        page. Returns (steps, dp * B) token ids and logprobs, (steps, dp * B, K) top
-        logprobs, and the cache. With `full_rank`, the sampler ranks whole rows where it must
-        (engine.sampling.needs_full_rank), at the price of a branch in every step.
+        for every position the steps reach. A row past its own step count computes on (its
+        outputs are dropped) without advancing, writing to the trash page. Returns (steps,
+        dp * B) token ids and logprobs, (steps, dp * B, K) top logprobs, `last` (each row's
+        token of its last step), and the cache. With `full_rank`, the sampler ranks whole
+        rows where it must (engine.sampling.needs_full_rank), at the price of a branch in
+        every step.
         """
-        tokens, meta, rows, tensors, src, row_steps = self._unpack(packed, bucket, fused=True)
-        tokens = jnp.where(src >= 0, prev[-1][jnp.maximum(src, 0)], tokens)
+        tokens, meta, rows, tensors, row_steps = self._unpack(packed, prev, bucket, fused=True)
         model = nnx.merge(self.graphdef, jax.tree.unflatten(self._param_tree, param_leaves))
         t, b, ps = bucket.tokens, bucket.rows, self.page_size
         dp = packed.shape[0]
@@ -255,7 +268,8 @@ class ModelRunner:
             lambda x: jax.lax.with_sharding_constraint(jnp.zeros((steps,) + x.shape, x.dtype), self._steps_rows),
             jax.eval_shape(sample, logits_shape, tensors))
         kv_cache, _, out = jax.lax.fori_loop(0, steps, one, (kv_cache, tokens, out))
-        return out, kv_cache
+        final = jnp.clip(row_steps - 1, 0, steps - 1)[None]  # (1, dp * B): each row's last step
+        return out, self._last_of(jnp.take_along_axis(out.token_ids, final, axis=0)[0]), kv_cache
 
     def _sample_rows(self, logits, tensors, *extras, full_rank: bool = False):
         """`sample`, each data shard on its own rows and, under tensor parallelism, each model shard
@@ -268,13 +282,14 @@ class ModelRunner:
 
     def _full_sampler_fn(self, logits, sampling, history, num_prompt):
         """The sampler with penalties and full ranking, on a step's logits and the sampling field of
-        its packed inputs."""
-        return self._sample_rows(logits, SamplingTensors.unpack(sampling.reshape(-1, PACKED_WIDTH)), history, num_prompt,
-                                 full_rank=True)
+        its packed inputs; and the step's `last` from its tokens."""
+        sampled = self._sample_rows(logits, SamplingTensors.unpack(sampling.reshape(-1, PACKED_WIDTH)), history,
+                                    num_prompt, full_rank=True)
+        return sampled, self._last_of(sampled.token_ids)
 
     def _packed_len(self, bucket: Bucket, fused: bool = False) -> int:
         b = bucket.rows
-        return (5 if fused else 4) * bucket.tokens + b * bucket.pages + (4 if fused else 3) * b + 1 + b * PACKED_WIDTH
+        return 5 * bucket.tokens + b * bucket.pages + (4 if fused else 3) * b + 1 + b * PACKED_WIDTH
 
     def warmup(self, progress: bool = True) -> float:
         """Compile every bucket (and the full sampler for every row count). Returns seconds spent.
@@ -285,29 +300,27 @@ class ModelRunner:
         start = time.perf_counter()
         jobs = []  # (table, key, lowered, compiler options)
         decode_options = self._decode_compiler_options()
-        step = jax.jit(self._step_fn, static_argnums=(3,), donate_argnums=(1,),
-                       in_shardings=(self._param_shardings, self._cache_shardings, self._rows),
-                       out_shardings=(self._replicated, self._logit_rows, self._cache_shardings))
+        step = jax.jit(self._step_fn, static_argnums=(4,), donate_argnums=(1,),
+                       in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._rows),
+                       out_shardings=(self._replicated, self._rows, self._logit_rows, self._cache_shardings))
         for bucket in self.buckets():
             packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket)), jnp.int32)
-            jobs.append((self._steps, bucket, step.lower(self._param_leaves, self.kv_cache, packed, bucket),
+            jobs.append((self._steps, bucket, step.lower(self._param_leaves, self.kv_cache, packed, self._last, bucket),
                          decode_options if bucket in self.decode_buckets() else None))
         sampler = jax.jit(self._full_sampler_fn, in_shardings=(self._logit_rows, self._rows, self._rows, self._rows),
-                          out_shardings=self._replicated)
+                          out_shardings=(self._replicated, self._rows))
         for r in sorted({bk.rows for bk in self.buckets()}):  # the full samplers, by row count
             logits = jax.ShapeDtypeStruct((self.dp * r, self.vocab_size), jnp.float32)
             jobs.append((self._samplers, r, sampler.lower(logits, *_abstract(self._full_sampler_inputs(r))), None))
         fused_step = jax.jit(self._fused_fn, static_argnums=(4, 5, 6), donate_argnums=(1,),
-                             in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._replicated),
-                             out_shardings=(self._replicated, self._cache_shardings))
+                             in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._rows),
+                             out_shardings=(self._replicated, self._rows, self._cache_shardings))
         for bucket in self.decode_buckets() if self.decode_steps > 1 else []:
             packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket, fused=True)), jnp.int32)
-            self._no_prev[bucket.rows] = jax.device_put(np.zeros((self.decode_steps, self.dp * bucket.rows), np.int32),
-                                                        self._replicated)
             for full_rank in (False, True):
                 jobs.append((self._fused, (bucket, full_rank), fused_step.lower(
-                    self._param_leaves, self.kv_cache, packed, self._no_prev[bucket.rows], bucket, self.decode_steps,
-                    full_rank), decode_options))
+                    self._param_leaves, self.kv_cache, packed, self._last, bucket, self.decode_steps, full_rank),
+                    decode_options))
         lowered_at = time.perf_counter()
         with tqdm(total=len(jobs), desc="compiling", disable=not progress, unit="graph") as bar:
             def compile_one(job):
@@ -350,8 +363,10 @@ class ModelRunner:
             raise RuntimeError(f"step of {n_tok} tokens / {n_pages} pages exceeds every bucket")
         return Bucket(t, min(t, self.max_num_seqs) + 1, p)
 
-    def _pack(self, plan: StepPlan, bucket: Bucket, fused: tuple[np.ndarray, np.ndarray] = ()) -> np.ndarray:
-        """The packed host inputs of one shard's plan (and a fused call's src and steps fields).
+    def _pack(self, plan: StepPlan, bucket: Bucket, prev_rows: dict[str, int] | None = None,
+              row_steps: np.ndarray | None = None) -> np.ndarray:
+        """The packed host inputs of one shard's plan (and a fused call's steps field). A PENDING
+        token reads the previous call's `last` at its sequence's row there, `prev_rows[seq_id]`.
 
         Built with whole-array numpy operations: a Python loop over the rows cost ~2 ms a step
         at 256 decodes, host time the device waits for."""
@@ -370,6 +385,7 @@ class ModelRunner:
         positions = np.zeros(t, np.int32)
         slots = np.arange(t, dtype=np.int32) % ps  # padding writes into page 0, the trash page
         token_seq = np.full(t, b - 1, np.int32)  # padding tokens belong to the spare last row
+        src = np.full(t, -1, np.int32)
         tables = np.zeros((b, p), np.int32)
         seq_lens = np.zeros(b, np.int32)
         rows = np.zeros(b, np.int32)
@@ -386,7 +402,11 @@ class ModelRunner:
             slots[:at] = tables[token_seq[:at], pos // ps] * ps + pos % ps
             seq_lens[:k] = start + n
             rows[:k] = qsl[1:k + 1] - 1
-        return np.concatenate([tokens, positions, slots, token_seq, tables.ravel(), seq_lens, qsl, rows, *fused])
+            pending = np.flatnonzero(tokens[:at] == PENDING)
+            if len(pending):
+                src[pending] = [prev_rows[seqs[i].seq_id] for i in token_seq[pending].tolist()]
+        fused = () if row_steps is None else (row_steps,)
+        return np.concatenate([tokens, positions, slots, token_seq, src, tables.ravel(), seq_lens, qsl, rows, *fused])
 
     def dispatch(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence],
                  suppress: dict[str, list[int]]) -> Call:
@@ -403,7 +423,7 @@ class ModelRunner:
                 seq = seqs[s.seq_id]
                 row_params[r] = RowParams(seq.params, seq.seed, seq.num_output_tokens, suppress.get(s.seq_id, []))
                 full |= seq.params.uses_penalties or needs_full_rank(seq.params, self.vocab_size)
-        packed = self._with_sampling([self._pack(plan, bucket) for plan in plans], row_params)  # (dp, L)
+        packed = self._with_sampling([self._pack(plan, bucket, self._last_rows) for plan in plans], row_params)
         extras = ()
         if full:
             history = np.full((n, self.max_model_len), -1, np.int32)
@@ -411,10 +431,13 @@ class ModelRunner:
             for r, s in scheduled:
                 seq = seqs[s.seq_id]
                 if s.sample and seq.params.uses_penalties:
+                    if seq.num_pending:
+                        raise RuntimeError(f"{s.seq_id} uses penalties: its last token must be read before this step")
                     ids = seq.all_token_ids
                     history[r, :len(ids)] = ids
                     num_prompt[r] = seq.num_prompt_tokens
             extras = (np.ascontiguousarray(packed[:, -bucket.rows * PACKED_WIDTH:]), history, num_prompt)
+        self._last_rows = _rows_by_seq(plans)
         if self._multihost:
             broadcast_one_to_all(self._header(_STEP, bucket, full))
             packed, extras = broadcast_one_to_all((packed, extras))
@@ -439,41 +462,29 @@ class ModelRunner:
             return {s.seq_id: Sampled(token_ids[r], logprobs[r], None, None) for r, s in scheduled if s.sample}
         return {s.seq_id: Sampled(token_ids[r], logprobs[r], top_ids[r], top_lps[r]) for r, s in scheduled if s.sample}
 
-    def dispatch_fused(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence], steps: dict[str, int],
-                       after: Call | None = None) -> Call:
+    def dispatch_fused(self, plans: tuple[StepPlan, ...], seqs: dict[str, Sequence], steps: dict[str, int]) -> Call:
         """Queue `decode_steps` decode steps in one call, for plans of decodes; sequence s decodes in
         the first steps[s] of them (up to its length) and holds pages for every position it
-        reaches (Scheduler.reserve_ahead). Returns without waiting.
-
-        With `after`, a call not yet collected, each sequence continues from the last token
-        `after` samples for it: its plan's start_pos is already advanced past `after`'s steps,
-        its token is read on the device, and its step count includes `after`'s tokens.
-        """
-        k = self.decode_steps
+        reaches (Scheduler.reserve_ahead). Returns without waiting."""
         bucket = self._bucket_for(plans)
-        if after is not None:  # the same rows, so `after`'s token ids index like this call's
-            bucket = Bucket(after.bucket.tokens, after.bucket.rows, bucket.pages)
-        prev_row = {} if after is None else {s.seq_id: r for r, s in after.scheduled}
         packs = []
         for plan in plans:
-            src = np.full(bucket.tokens, -1, np.int32)
-            src[:len(plan.seqs)] = [prev_row.get(s.seq_id, -1) for s in plan.seqs]
             row_steps = np.zeros(bucket.rows, np.int32)
             row_steps[:len(plan.seqs)] = [steps[s.seq_id] for s in plan.seqs]
-            packs.append(self._pack(plan, bucket, (src, row_steps)))
+            packs.append(self._pack(plan, bucket, self._last_rows, row_steps))
         scheduled = [(d * bucket.rows + i, s) for d, plan in enumerate(plans) for i, s in enumerate(plan.seqs)]
         row_params: list[RowParams | None] = [None] * (self.dp * bucket.rows)
         full_rank = False
         for r, s in scheduled:
             seq = seqs[s.seq_id]
-            row_params[r] = RowParams(seq.params, seq.seed, seq.num_output_tokens + (k if s.seq_id in prev_row else 0))
+            row_params[r] = RowParams(seq.params, seq.seed, seq.num_output_tokens)
             full_rank |= needs_full_rank(seq.params, self.vocab_size)
         packed = self._put(self._with_sampling(packs, row_params))
+        self._last_rows = _rows_by_seq(plans)
         fused = self._fused[bucket, full_rank]
 
         def queue():
-            prev = self._no_prev[bucket.rows] if after is None else after.out.result().token_ids
-            out, self.kv_cache = fused(self._param_leaves, self.kv_cache, packed, prev)
+            out, self._last, self.kv_cache = fused(self._param_leaves, self.kv_cache, packed, self._last)
             return out
 
         want_top = _want_top(scheduled, seqs)
@@ -507,8 +518,11 @@ class ModelRunner:
     def _execute(self, bucket: Bucket, packed, extras: tuple):
         """The compiled step (sampling inside), and the full sampler when `extras` carry the packed
         sampling field and the penalty history; every process runs this with the same inputs."""
-        sampled, logits, self.kv_cache = self._steps[bucket](self._param_leaves, self.kv_cache, self._put(packed))
-        return self._samplers[bucket.rows](logits, *self._put(extras)) if extras else sampled
+        sampled, self._last, logits, self.kv_cache = self._steps[bucket](self._param_leaves, self.kv_cache,
+                                                                          self._put(packed), self._last)
+        if extras:
+            sampled, self._last = self._samplers[bucket.rows](logits, *self._put(extras))
+        return sampled
 
     def _put(self, tree):
         """Host arrays onto the row shards (device arrays stay as they are). With several processes,
@@ -548,6 +562,11 @@ class ModelRunner:
 def _abstract(tree):
     """Shapes and dtypes of host arrays, to lower a step without data."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _rows_by_seq(plans: tuple[StepPlan, ...]) -> dict[str, int]:
+    """Each sampling sequence's row within its shard: where its token is in the call's `last`."""
+    return {s.seq_id: i for plan in plans for i, s in enumerate(plan.seqs) if s.sample}
 
 
 def _want_top(scheduled, seqs: dict[str, Sequence]) -> bool:

@@ -18,6 +18,15 @@ allow. A preempted sequence drops its pages and recomputes its prompt and output
 when it comes back; the oldest running sequence is never preempted by another, so
 every request finishes.
 
+The engine plans a step before it has read the one before (engine.LLMEngine.step):
+once a step is queued, `advance()` counts its chunks as computed and its samples as
+pending (engine.sequence's NOTE), and `update()` later fills in the sampled ids. So a
+schedule() sees every sequence as it will be when the queued step is done; a decode
+whose token is still on the device carries PENDING, and a sequence whose last token
+is pending waits for update() to finish it, leaving its seat to a newcomer. A sequence
+that ended on a token the host has not read yet (EOS, a stop) may run one step more;
+update() drops that token.
+
 A request with n > 1 prefills its prompt once: its other sequences wait until one of
 them has computed the prompt, then take its pages that hold only prompt tokens
 (keeping at least one prompt token to compute, so each gets its own logits):
@@ -41,7 +50,7 @@ from engine.sequence import Sequence, SequenceStatus
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64  # sequences in one step (running at once)
+    max_num_seqs: int = 64  # sequences in one step (running at once, besides those whose last token is pending)
     max_num_batched_tokens: int = 512  # tokens computed in one step, all sequences together
     max_model_len: int = 2048  # positions one sequence may use, prompt and output together
 
@@ -110,6 +119,15 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def num_seats_free(self) -> int:
+        """Sequences that may still join: max_num_seqs less the running ones but those finishing."""
+        return self.config.max_num_seqs - sum(1 for seq in self.running if not self._finishing(seq))
+
+    def _finishing(self, seq: Sequence) -> bool:
+        """Whether `seq` has all its tokens, the last one pending: nothing is left to compute for it."""
+        return seq.num_pending > 0 and seq.reached_length(self.config.max_model_len)
 
     def has_unfinished(self) -> bool:
         """Whether any sequence still waits or runs, or a finished one still holds pages until the next schedule()."""
@@ -194,6 +212,9 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             seq = self.running[i]
+            if self._finishing(seq):  # update() finishes it
+                i += 1
+                continue
             left = seq.num_tokens - seq.num_computed_tokens
             num = min(left, budget)
             # Out of pages: preempt the newest running sequence, perhaps this one.
@@ -211,7 +232,7 @@ class Scheduler:
 
         # 3. Admit waiting sequences in order. Not after a preemption: memory is tight.
         held: list[Sequence] = []
-        while self.waiting and not preempted and len(self.running) < cfg.max_num_seqs and budget > 0:
+        while self.waiting and not preempted and self.num_seats_free > 0 and budget > 0:
             seq = self.waiting.popleft()
             donor = self._prefix_donor(seq)
             if donor is _HOLD:
@@ -234,17 +255,28 @@ class Scheduler:
 
         return StepPlan(seqs=tuple(decodes + chunks), preempted=tuple(preempted), freed=freed)
 
+    def advance(self, plan: StepPlan, steps: dict[str, int] | None = None) -> None:
+        """The plan's step is queued: its chunks count as computed and each sampling chunk's token
+        as pending; in a fused call (`steps`, Scheduler.reserve_ahead) a sequence computes and
+        samples steps[seq_id] tokens."""
+        for sched in plan.seqs:
+            seq, n = self._seqs[sched.seq_id], steps[sched.seq_id] if steps else 1
+            seq.num_computed_tokens = sched.start_pos + len(sched.token_ids) + n - 1
+            if sched.sample:
+                seq.num_pending += n
+
     def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Sequence]:
-        """Record a step's results: computed tokens, sampled tokens, and who finished."""
+        """Record a step's sampled tokens (in place of the first pending one of each sequence) and
+        who finished. A sequence that finished meanwhile drops its token; a preempted one keeps it."""
         touched, seqs, eos, max_len = [], self._seqs, self.eos_token_ids, self.config.max_model_len
         for sched in plan.seqs:  # NOTE: the hot loop of recording a step (locals, no properties)
-            seq = seqs.get(sched.seq_id)
-            if seq is None or seq.status is not SequenceStatus.RUNNING:
-                continue  # aborted or finished between schedule() and update()
-            seq.num_computed_tokens += len(sched.token_ids)
             if not sched.sample:
                 continue
+            seq = seqs.get(sched.seq_id)
+            if seq is None or not seq.num_pending or seq.status is SequenceStatus.FINISHED:
+                continue  # finished (or aborted) since the step was planned
             token = sampled[sched.seq_id]
+            seq.num_pending -= 1
             out = seq.output_token_ids
             out.append(token)
             p, n = seq.params, len(out)
@@ -311,5 +343,6 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
+        seq.num_pending = 0  # what calls in flight sample for it is dropped
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         self._finished.append(seq)

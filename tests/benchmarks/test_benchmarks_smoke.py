@@ -163,7 +163,8 @@ def test_throughput_cli_fits_the_budget(tmp_path, ceilings_file):
     kinds = m["step_kinds"]  # every engine step is counted once; on the CPU none is fused
     assert sum(k["count"] for k in kinds.values()) == m["num_steps"]
     assert kinds["single_with_prompt_tokens"]["count"] >= 2 and kinds["single_decode_only"]["count"] >= 5
-    assert kinds["fused_pipelined"]["count"] == kinds["fused_last"]["count"] == 0
+    assert kinds["fused"]["count"] == 0
+    assert sum(k["queued_ahead"] for k in kinds.values()) == m["num_steps"] - 1  # all but the first
 
 
 def test_warmup_probe_times_a_cold_and_a_cached_start(tmp_path):
@@ -294,9 +295,10 @@ def test_step_kinds_count_fused_calls_and_the_pipeline():
     kinds = m["step_kinds"]
     assert sum(k["count"] for k in kinds.values()) == m["num_steps"]
     # 80 prompt tokens in steps of 64 and 16 (three sequences decode in the second), then fused
-    # calls of 4 decode steps, each queued behind the one before but the last.
+    # calls of 4 decode steps; every call but the first is queued while the one before is in flight.
     assert kinds["single_with_prompt_tokens"]["count"] == 2 and kinds["single_decode_only"]["count"] == 0
-    assert (kinds["fused_pipelined"]["count"], kinds["fused_last"]["count"]) == (7, 1)
+    assert kinds["fused"]["count"] == 8
+    assert (kinds["single_with_prompt_tokens"]["queued_ahead"], kinds["fused"]["queued_ahead"]) == (1, 8)
     spent = sum(k["dispatch_s"] + k["wait_s"] for k in kinds.values())
     assert all(k["dispatch_s"] > 0 and k["wait_s"] > 0 for k in kinds.values() if k["count"])
     assert spent < m["elapsed_time"]

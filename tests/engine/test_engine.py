@@ -148,27 +148,49 @@ def test_fused_decode_matches_hf_and_compiles_nothing():
         assert [[x.outputs[0].token_ids for x in o] for o in run] == [[x.outputs[0].token_ids for x in o] for o in again]
 
 
-def test_pipelined_decode_matches_single_steps():
-    """Fused decode calls queued behind one another (call N+1 dispatched before N's tokens are
-    read) give the tokens of plain single steps, when sequences end inside a call (stop tokens
-    at different positions), one is aborted mid-run and one samples with a seed; no pages are
-    lost and nothing compiles."""
+def _sequential(engine: LLMEngine) -> None:
+    """Make `engine` read every call before it plans the next (what a penalty request forces)."""
+    dispatch = engine._dispatch
+    engine._dispatch = lambda touched: (got := dispatch(touched)) and (*got[:2], False)
+
+
+@pytest.mark.parametrize("num_pages", [64, 20])  # 20: a pool so small that sequences are preempted
+def test_calls_planned_ahead_give_the_tokens_of_calls_read_one_by_one(num_pages):
+    """Calls queued before the call in flight is read (plain steps with prompts and decodes, and
+    fused decode calls) give the tokens of an engine that reads each call before planning the
+    next, and HF's: sequences end inside a call on stop tokens at different positions and on a
+    stop string, one is aborted mid-run, one samples with a seed, and a small pool preempts
+    sequences with tokens in flight. No pages are lost and nothing compiles."""
     folder = GOLDEN / "tiny" / "llama3"
     cases = json.loads((folder / "greedy.json").read_text())["cases"]
     stops = [cases[0]["new_ids"][5], cases[1]["new_ids"][10], cases[2]["new_ids"][15]]  # first occurrences
     params = [SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[t], ignore_eos=True) for t in stops]
     params.append(SamplingParams(temperature=1.0, seed=7, max_tokens=22, ignore_eos=True))  # ends inside a call
+    stop_text = None
 
-    def run(decode_steps: int):
+    def run(decode_steps: int, ahead: bool):
+        nonlocal stop_text
         engine = LLMEngine(EngineConfig(model=str(folder), tokenizer=str(default_model_path()), dtype="float32",
-                                        num_pages=64, max_model_len=64, decode_steps=decode_steps,
+                                        num_pages=num_pages, max_model_len=64, decode_steps=decode_steps,
                                         **{**SMALL, "max_num_seqs": 5}), progress=False)
-        queued = []
-        dispatch = engine.runner.dispatch_fused
-        engine.runner.dispatch_fused = lambda plans, seqs, steps, after=None: queued.append(  # (rows before, rows now)
-            (after and len(after.scheduled), sum(len(p.seqs) for p in plans))) or dispatch(plans, seqs, steps, after)
+        if not ahead:
+            _sequential(engine)
+        calls, events = {}, []  # per call queued: whether another was in flight, unread, at the time
+        for name in ("dispatch", "dispatch_fused"):
+            queue = getattr(engine.runner, name)
+
+            def queued(*args, queue=queue, name=name):
+                call = queue(*args)
+                calls[id(call)] = call
+                events.append((name, len(calls) > 1))
+                return call
+            setattr(engine.runner, name, queued)
+        collect = engine.runner.collect
+        engine.runner.collect = lambda call: calls.pop(id(call)) and collect(call)
         for i, (c, p) in enumerate(zip(cases, params)):
             engine.add_request(f"r{i}", c["prompt_ids"], p)
+        stop_text = engine.tokenizer.decode(cases[3]["new_ids"][12:14])
+        engine.add_request("text", cases[3]["prompt_ids"], greedy(24).replace(stop=[stop_text]))
         engine.add_request("victim", cases[0]["prompt_ids"], greedy(24))
         finished, step = {}, 0
         with recorded_compiles() as compiles:
@@ -181,17 +203,26 @@ def test_pipelined_decode_matches_single_steps():
         engine.allocator.check_invariant([])
         assert engine.allocator.num_free_pages == engine.allocator.num_usable_pages
         assert compiles == []
-        return finished, queued
+        return finished, events, engine.scheduler.num_preemptions_total
 
-    pipelined, queued = run(decode_steps=2)
-    single, _ = run(decode_steps=1)
-    assert sum(1 for before, _ in queued if before) >= 3, f"too few calls were queued behind another: {queued}"
-    assert any(before and now < before for before, now in queued), "no queued call dropped a finished sequence"
-    assert pipelined["victim"].finish_reason == "abort"
-    for i in range(4):
-        got, want = pipelined[f"r{i}"], single[f"r{i}"]
-        assert (got.token_ids, got.finish_reason, got.stop_reason) == (want.token_ids, want.finish_reason, want.stop_reason)
-    assert [len(single[f"r{i}"].token_ids) for i in range(4)] == [6, 11, 16, 22]
+    want, events, _ = run(decode_steps=1, ahead=False)
+    assert not any(ahead for _, ahead in events)
+    for decode_steps in (1, 2):
+        got, events, preemptions = run(decode_steps, ahead=True)
+        assert (preemptions > 0) == (num_pages == 20)
+        ahead = {kind for kind, ahead in events if ahead}
+        assert ahead == ({"dispatch", "dispatch_fused"} if decode_steps > 1 else {"dispatch"}), events
+        assert sum(a for _, a in events) >= len(events) // 2, f"too few calls were queued ahead: {events}"
+        assert got["victim"].finish_reason == "abort"
+        for rid, out in want.items():
+            if rid != "victim":
+                assert (got[rid].token_ids, got[rid].finish_reason, got[rid].stop_reason, got[rid].text) == (
+                    out.token_ids, out.finish_reason, out.stop_reason, out.text), rid
+    assert [len(want[f"r{i}"].token_ids) for i in range(4)] == [6, 11, 16, 22]
+    for i in range(3):  # greedy: HF's tokens up to the stop token
+        assert want[f"r{i}"].token_ids == cases[i]["new_ids"][:len(want[f"r{i}"].token_ids)]
+    assert want["text"].finish_reason == "stop" and want["text"].stop_reason == stop_text
+    assert len(want["text"].token_ids) < 24
 
 
 def test_a_request_arriving_during_fused_decode_joins_the_next_call():
@@ -210,5 +241,5 @@ def test_a_request_arriving_during_fused_decode_joins_the_next_call():
     assert engine._inflight[1].fused
     arrivals = [("late", cases[2]["prompt_ids"], greedy(2))]
     engine.step(before_schedule=lambda: arrivals and engine.add_request(*arrivals.pop()))
-    _, call = engine._inflight
+    _, call, _ = engine._inflight
     assert not call.fused and "late-0" in {s.seq_id for _, s in call.scheduled}

@@ -13,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from engine.allocator import PageAllocator
 from engine.params import SamplingParams
 from engine.scheduler import RequestTooLong, Scheduler, SchedulerConfig, StepPlan
-from engine.sequence import SequenceStatus
+from engine.sequence import PENDING, SequenceStatus
 
 EOS = 5
 
@@ -26,6 +26,7 @@ def make(num_pages=64, page_size=4, max_num_seqs=8, budget=64, max_model_len=64)
 def step(sched: Scheduler, token: int = 1) -> StepPlan:
     """One engine step whose model samples `token` for every sequence."""
     plan = sched.schedule()
+    sched.advance(plan)
     sched.update(plan, {s.seq_id: token for s in plan.seqs if s.sample})
     return plan
 
@@ -255,6 +256,7 @@ def test_update_returns_the_sequences_that_got_a_token_or_finished():
     sched.add_request("a", [1] * 3, params(max_tokens=1))
     sched.add_request("b", [1] * 10, params())
     plan = sched.schedule()
+    sched.advance(plan)
     touched = sched.update(plan, {"a-0": 4})
     assert [s.seq_id for s in touched] == ["a-0"] and touched[0].finish_reason == "length"
 
@@ -284,6 +286,7 @@ def test_abort_of_a_waiting_request_and_between_schedule_and_update():
     sched.add_request("a", [1, 2], params())
     sched.add_request("b", [1, 2], params())
     plan = sched.schedule()
+    sched.advance(plan)
     sched.abort_request("b")  # waiting
     sched.abort_request("a")  # in flight: its result is dropped
     assert sched.update(plan, {"a-0": 3}) == []
@@ -293,17 +296,53 @@ def test_abort_of_a_waiting_request_and_between_schedule_and_update():
     sched.allocator.check_invariant([])
 
 
+def test_a_step_planned_before_the_last_is_read_carries_its_token_as_pending():
+    sched = make()
+    (a,) = sched.add_request("a", [1, 2, 3], params())
+    (b,) = sched.add_request("b", [1, 2, 3], params(max_tokens=2))
+    first = sched.schedule()
+    sched.advance(first)
+    second = sched.schedule()  # before the first step's tokens are read
+    assert shape(second) == [("a-0", 3, 1, True), ("b-0", 3, 1, True)]
+    assert [s.token_ids for s in second.seqs] == [(PENDING,), (PENDING,)]
+    sched.advance(second)
+    assert (a.num_pending, a.num_output_tokens, a.output_token_ids) == (2, 2, [])
+    sched.update(first, {"a-0": EOS, "b-0": 7})  # a ended on a token the second step did not know
+    assert (a.finish_reason, a.output_token_ids, a.num_pending) == ("stop", [EOS], 0)
+    third = sched.schedule()  # b's last token is on the device: nothing more to compute for it
+    assert third.seqs == () and third.freed == ("a-0",) and b.status is SequenceStatus.RUNNING
+    sched.advance(third)
+    assert [s.seq_id for s in sched.update(second, {"a-0": 9, "b-0": 8})] == ["b-0"]  # a's token is dropped
+    assert (a.output_token_ids, b.output_token_ids, b.finish_reason) == ([EOS], [7, 8], "length")
+
+
+def test_a_sequence_preempted_with_a_token_in_flight_keeps_it():
+    sched = make(num_pages=4, page_size=2)  # 3 usable pages
+    (a,) = sched.add_request("a", [1, 2, 3], params(max_tokens=3))
+    (b,) = sched.add_request("b", [1, 2], params(max_tokens=3))
+    first = sched.schedule()  # a: 2 pages, b: 1 page
+    sched.advance(first)
+    second = sched.schedule()  # b's next token needs a page and b is newest
+    assert second.preempted == ("b-0",) and shape(second) == [("a-0", 3, 1, True)]
+    sched.advance(second)
+    sched.update(first, {"a-0": 4, "b-0": 6})
+    assert (b.status, b.output_token_ids, b.num_pending, b.num_computed_tokens) == (SequenceStatus.WAITING, [6], 0, 0)
+
+
 # --- random workloads -------------------------------------------------------------------
 
 VOCAB = 6  # token ids 0..5; EOS is 5
 
 
 class SchedulerMachine(RuleBasedStateMachine):
-    """Random adds, steps (random tokens, EOS included), aborts and stop strings.
+    """Random adds, steps (random tokens, EOS included), aborts and stop strings, with each step
+    recorded before the next is planned or, as the engine runs them, after it (`pipelined`).
 
     `owners` are the sequences holding pages: they change only in schedule(), where
     they become exactly the running sequences. `cache` is a fake KV cache,
-    (page, slot) -> token id, written by each step and read back through page_ids.
+    (page, slot) -> token id, written by each step as it is queued and read back through
+    page_ids. The fake device samples a step's tokens when the step is queued
+    (`in_flight`); a PENDING token of the next step must stand for exactly that token.
     """
 
     @initialize(
@@ -321,6 +360,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.owners: set[str] = set()
         self.cache: dict[tuple[int, int], int] = {}
         self.num_requests = 0
+        self.in_flight = None  # (plan, its sampled tokens) queued and not yet recorded
 
     @rule(
         prompt=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=24),
@@ -355,7 +395,8 @@ class SchedulerMachine(RuleBasedStateMachine):
     def step(self, data):
         draw = lambda: data.draw(st.integers(0, VOCAB - 1))  # noqa: E731
         abort = data.draw(st.sampled_from(sorted(self.live_requests()) or [None]))
-        self.run_step(draw, abort_in_flight=abort if data.draw(st.booleans()) else None)
+        self.run_step(draw, abort_in_flight=abort if data.draw(st.booleans()) else None,
+                      pipelined=data.draw(st.booleans()))
 
     @rule(data=st.data())
     def abort(self, data):
@@ -372,7 +413,29 @@ class SchedulerMachine(RuleBasedStateMachine):
     def live_requests(self) -> set[str]:
         return {s.request_id for s in self.seqs.values() if not s.is_finished}
 
-    def run_step(self, draw, abort_in_flight=None):
+    def run_step(self, draw, abort_in_flight=None, pipelined=False):
+        """Queue a step and record one: the one before it when `pipelined`, else itself."""
+        if not pipelined and self.in_flight:
+            self.record(*self.in_flight)
+            self.in_flight = None
+        queued = self.queue(draw)
+        if abort_in_flight is not None:
+            self.sched.abort_request(abort_in_flight)
+        if self.in_flight:
+            self.record(*self.in_flight)
+        self.in_flight = queued if queued[0].seqs else None
+        if not pipelined:
+            self.record(*queued)
+            self.in_flight = None
+
+    def device_tokens(self, seq) -> list[int]:
+        """Its tokens as the device holds them: the pending one is what the step in flight sampled."""
+        pending = [self.in_flight[1][seq.seq_id]] if seq.num_pending else []
+        assert seq.num_pending <= 1 and (not pending or self.in_flight[0] is not None)
+        return seq.all_token_ids + pending
+
+    def queue(self, draw):
+        """Schedule a step, check its plan, write its tokens into the cache, advance; (plan, sampled)."""
         sched, alloc, ps = self.sched, self.alloc, self.alloc.page_size
         was_running = [s.seq_id for s in sched.running]
         plan = sched.schedule()
@@ -385,45 +448,50 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert plan.num_tokens <= self.config.max_num_batched_tokens
         decode = [len(s.token_ids) == 1 and s.sample for s in plan.seqs]
         assert decode == sorted(decode, reverse=True), "decodes come first"
-        assert {s.seq_id for s in sched.running} == set(ids), "a running sequence was left out"
+        at_length = {s.seq_id for s in sched.running if s.num_pending and s.reached_length(self.config.max_model_len)}
+        assert {s.seq_id for s in sched.running} - at_length == set(ids), "a running sequence was left out"
 
         for s in plan.seqs:  # what each scheduled sequence computes, and where
             seq = self.seqs[s.seq_id]
             end = s.start_pos + len(s.token_ids)
+            tokens = self.device_tokens(seq)
             assert seq.status is SequenceStatus.RUNNING and s.start_pos == seq.num_computed_tokens
-            assert s.token_ids and s.token_ids == tuple(seq.all_token_ids[s.start_pos : end])
-            assert s.sample == (end == seq.num_tokens) and end <= self.config.max_model_len
+            assert s.token_ids == tuple(seq.token_ids_between(s.start_pos, end))
+            assert PENDING not in s.token_ids[:-1] and (PENDING not in s.token_ids or s.token_ids == (PENDING,))
+            assert s.token_ids and len(tokens) >= end
+            assert s.sample == (end == seq.num_tokens == len(tokens)) and end <= self.config.max_model_len
             assert list(s.page_ids) == alloc.pages_of(s.seq_id) and 0 not in s.page_ids
             assert len(s.page_ids) * ps >= end
-            for pos, token in zip(range(s.start_pos, end), s.token_ids):
+            for pos in range(s.start_pos, end):
                 page = s.page_ids[pos // ps]
                 assert alloc.refcount(page) == 1, "a step writes into a shared page"
-                self.cache[page, pos % ps] = token
+                self.cache[page, pos % ps] = tokens[pos]
         for s in plan.seqs:  # every scheduled token sees its whole context through page_ids
             seq, end = self.seqs[s.seq_id], s.start_pos + len(s.token_ids)
-            assert [self.cache.get((s.page_ids[q // ps], q % ps)) for q in range(end)] == seq.all_token_ids[:end]
+            assert [self.cache.get((s.page_ids[q // ps], q % ps)) for q in range(end)] == self.device_tokens(seq)[:end]
+        sched.advance(plan)
+        return plan, {s.seq_id: draw() for s in plan.seqs if s.sample}
 
-        if abort_in_flight is not None:
-            sched.abort_request(abort_in_flight)
-        before = {s.seq_id: (self.seqs[s.seq_id].num_output_tokens, self.seqs[s.seq_id].is_finished) for s in plan.seqs}
-        sampled = {s.seq_id: draw() for s in plan.seqs if s.sample}
-        touched = sched.update(plan, sampled)
+    def record(self, plan, sampled):
+        """update() with the tokens the fake device sampled, and check what it did with them."""
+        before = {sid: (len(self.seqs[sid].output_token_ids), self.seqs[sid].is_finished) for sid in sampled}
+        touched = self.sched.update(plan, sampled)
         assert {s.seq_id for s in touched} == {sid for sid in sampled if not before[sid][1]}
         for sid, token in sampled.items():
             seq = self.seqs[sid]
             if before[sid][1]:
-                assert seq.num_output_tokens == before[sid][0]
+                assert len(seq.output_token_ids) == before[sid][0]
                 continue
-            assert seq.output_token_ids[-1] == token and seq.num_output_tokens == before[sid][0] + 1
+            assert seq.output_token_ids[-1] == token and len(seq.output_token_ids) == before[sid][0] + 1
             assert (seq.finish_reason, seq.stop_reason) == self.expected_finish(seq, token)
 
     def expected_finish(self, seq, token):
-        p = seq.params
-        if seq.num_output_tokens >= p.min_tokens and token in (p.stop_token_ids or []):
+        p, n = seq.params, len(seq.output_token_ids)
+        if n >= p.min_tokens and token in (p.stop_token_ids or []):
             return "stop", token
-        if seq.num_output_tokens >= p.min_tokens and token == EOS and not p.ignore_eos:
+        if n >= p.min_tokens and token == EOS and not p.ignore_eos:
             return "stop", None
-        if seq.num_output_tokens == p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+        if n == p.max_tokens or len(seq.all_token_ids) >= self.config.max_model_len:
             return "length", None
         return None, None
 
@@ -434,7 +502,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         running, waiting = list(sched.running), list(sched.waiting)
         listed = [s.seq_id for s in running + waiting]
         assert len(listed) == len(set(listed)), "a sequence is queued twice"
-        assert sched.num_running == len(running) <= self.config.max_num_seqs
+        assert sched.num_running == len(running) and sched.num_seats_free >= 0
         assert all(s.num_tokens - s.num_computed_tokens == 1 for s in running[:-1]), "only the newest is in prefill"
         places = {SequenceStatus.RUNNING: (1, 0), SequenceStatus.WAITING: (0, 1), SequenceStatus.FINISHED: (0, 0)}
         for seq in self.seqs.values():  # each sequence is in exactly one place, the one its status says
@@ -452,9 +520,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         tokens = iter(range(10**6))
         limit = 10 + 4 * sum(s.num_tokens + (s.params.max_tokens or self.config.max_model_len) for s in self.seqs.values())
         for _ in range(limit):
-            if not self.sched.has_unfinished():
+            if not self.sched.has_unfinished() and not self.in_flight:
                 break
-            self.run_step(lambda: next(tokens) % EOS)  # never EOS: stop by length or stop tokens
+            self.run_step(lambda: next(tokens) % EOS, pipelined=True)  # never EOS: stop by length or stop tokens
             self.bookkeeping_is_consistent()
         assert not self.sched.has_unfinished(), "requests did not finish"
         plan = self.sched.schedule()
