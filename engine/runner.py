@@ -300,7 +300,10 @@ class ModelRunner:
         start = time.perf_counter()
         jobs = []  # (table, key, lowered, compiler options)
         decode_options = self._decode_compiler_options()
-        step = jax.jit(self._step_fn, static_argnums=(4,), donate_argnums=(1,),
+        # `prev` is donated so that `last` reuses its buffer: with a new address every call, XLA
+        # re-recorded the step's command buffers before launching it (TTFT@1024 on an H100, 8B:
+        # 34.7 ms, 28.9 ms donated).
+        step = jax.jit(self._step_fn, static_argnums=(4,), donate_argnums=(1, 3),
                        in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._rows),
                        out_shardings=(self._replicated, self._rows, self._logit_rows, self._cache_shardings))
         for bucket in self.buckets():
@@ -312,7 +315,7 @@ class ModelRunner:
         for r in sorted({bk.rows for bk in self.buckets()}):  # the full samplers, by row count
             logits = jax.ShapeDtypeStruct((self.dp * r, self.vocab_size), jnp.float32)
             jobs.append((self._samplers, r, sampler.lower(logits, *_abstract(self._full_sampler_inputs(r))), None))
-        fused_step = jax.jit(self._fused_fn, static_argnums=(4, 5, 6), donate_argnums=(1,),
+        fused_step = jax.jit(self._fused_fn, static_argnums=(4, 5, 6), donate_argnums=(1, 3),
                              in_shardings=(self._param_shardings, self._cache_shardings, self._rows, self._rows),
                              out_shardings=(self._replicated, self._rows, self._cache_shardings))
         for bucket in self.decode_buckets() if self.decode_steps > 1 else []:
