@@ -10,7 +10,11 @@ then a few engine steps run under `jax.profiler.trace`:
   decode steps (fused calls of `decode_steps` tokens where the engine fuses);
 * `--prefill L`: one prompt of L tokens on an idle engine and its first token (the TTFT step);
 * `--mixed B`: B sequences decoding at `--context` when a fresh prompt of `--context` tokens
-  joins: the step that runs its prefill beside the B decodes (offline runs are full of these).
+  joins: the step that runs its prefill beside the B decodes (offline runs are full of these);
+* `--offline N`: N prompts of `--context` tokens asking for `--output-len` tokens, all at once
+  (benchmarks.throughput's workload); once the first requests have finished and newcomers
+  join as they leave, `--offline-steps` engine steps of this steady state are traced: fused
+  decode calls, the steps that carry prompts, and the switches between them.
 
 The trace's GPU kernels are summed by name and sorted into kinds (attention = our Pallas
 kernels, gemm, KV write (scatter), sampling (sort/top-k/argmax), other fusions), and set
@@ -223,6 +227,25 @@ def profile_prefill(engine, length: int, trace_dir: str) -> dict:
             **summarize(device_kernels(trace := read_trace(trace_dir)), wall, steps), "timeline": timeline(trace)}
 
 
+def profile_offline(engine, num_prompts: int, context: int, output_len: int, trace_dir: str, num_steps: int) -> dict:
+    import jax
+
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=1.0, max_tokens=output_len, ignore_eos=True)
+    ids = [engine.add_request(None, p, params) for p in random_prompts(num_prompts, context, vocab, seed=3)]
+    while not any(out.finished for out in engine.step()):  # steady state: requests leave and join
+        pass
+    with jax.profiler.trace(trace_dir):
+        for _ in range(num_steps + 1):  # the wall time runs from the first traced step()'s return
+            engine.step()
+    trace = read_trace(trace_dir)
+    lo, hi = step_window(trace[1])
+    _finish(engine, ids)
+    return {"workload": f"offline, {num_prompts} prompts x {context} in x {output_len} out, {num_steps} engine steps "
+                        "once requests leave and join",
+            **summarize(device_kernels(trace, windowed=True), (hi - lo) / 1e6, num_steps), "timeline": timeline(trace)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_args(p)
@@ -232,6 +255,9 @@ def main() -> None:
     p.add_argument("--mixed", type=int, action="append", default=[],
                    help="decoding batch beside which a fresh prompt joins (repeatable)")
     p.add_argument("--steps", type=int, default=4, help="engine steps traced per decode workload")
+    p.add_argument("--offline", type=int, action="append", default=[], help="prompts of an offline run (repeatable)")
+    p.add_argument("--output-len", type=int, default=1024, help="tokens each offline prompt asks for")
+    p.add_argument("--offline-steps", type=int, default=40, help="engine steps traced of the offline run")
     p.add_argument("--trace-dir", help="keep the traces here (default: a temporary folder)")
     p.add_argument("--out")
     args = p.parse_args()
@@ -246,6 +272,9 @@ def main() -> None:
         print(results[-1], flush=True)
     for n in args.prefill:
         results.append(profile_prefill(engine, n, f"{root}/prefill{n}"))
+        print(results[-1], flush=True)
+    for n in args.offline:
+        results.append(profile_offline(engine, n, args.context, args.output_len, f"{root}/offline{n}", args.offline_steps))
         print(results[-1], flush=True)
     if args.out:
         write_json(args.out, {**environment(), "kind": "profile", "model": args.model, "engine": engine_info(engine),

@@ -276,11 +276,13 @@ def test_profile_sums_kernels_by_kind(tmp_path):
     # The CLI end to end (a CPU trace has no GPU kernels: only the structure is checked).
     out = tmp_path / "profile.json"
     run_module("benchmarks.profile_step", *ENGINE, "--batch", "2", "--mixed", "2", "--context", "24", "--prefill", "40",
-               "--steps", "2", "--out", str(out))
+               "--offline", "12", "--output-len", "6", "--offline-steps", "3", "--steps", "2", "--out", str(out))
     result = json.loads(out.read_text())
-    assert [p["workload"] for p in result["profiles"]] == ["decode, batch 2, context ~24",
-                                                            "2 decodes at context ~24 and a fresh prompt of 24 tokens in one step",
-                                                            "one prompt of 40 tokens, first token (TTFT)"]
+    assert [p["workload"] for p in result["profiles"]] == [
+        "decode, batch 2, context ~24", "2 decodes at context ~24 and a fresh prompt of 24 tokens in one step",
+        "one prompt of 40 tokens, first token (TTFT)",
+        "offline, 12 prompts x 24 in x 6 out, 3 engine steps once requests leave and join"]
+    assert result["profiles"][3]["steps"] == 3 and result["profiles"][3]["wall_ms_per_step"] > 0
     assert result["profiles"][0]["steps"] == 2  # CPU: one decode step per engine step
 
 
