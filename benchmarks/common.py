@@ -190,7 +190,7 @@ def engine_info(engine) -> dict:
                   "head_dim": mc.head_dim, "vocab_size": mc.vocab_size, "dtype": str(np.dtype(engine.dtype))},
         "attention_backend": getattr(engine.model, "attention_backend", None),
         "max_model_len": engine.max_model_len,
-        "num_pages": engine.allocator.num_pages,
+        "num_pages": engine.scheduler.allocators[0].num_pages,  # of each data shard
         "page_size": engine.config.page_size,
         "token_buckets": list(runner.token_buckets),
         "page_buckets": list(runner.page_buckets),

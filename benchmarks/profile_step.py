@@ -104,7 +104,8 @@ def timeline(trace: Trace, top: int = 10) -> dict:
     """Where the GPU sat idle inside a trace, for one GPU: its span from the first kernel's start to
     the last one's end, the longest gaps between kernels (with the kernels on either side), and the
     host's engine and XLA events of interest over 20 us (thread, start relative to the first kernel),
-    to see what the GPU waited for."""
+    and every host event over 20 us from 2 ms before the longest gap to its end, to see what the
+    GPU waited for."""
     gpus, host = trace
     if not gpus or not gpus[0]:
         return {}
@@ -117,6 +118,7 @@ def timeline(trace: Trace, top: int = 10) -> dict:
         if stop > end:
             end, prev = stop, name
     gaps.sort(reverse=True)
+    lo, hi = (gaps[0][1] - 2_000_000, gaps[0][1] + gaps[0][0]) if gaps else (0, -1)  # the longest gap, 2 ms before
     return {
         "device_span_ms": (end - t0) / 1e6,
         "gap_ms": sum(g[0] for g in gaps) / 1e6,
@@ -124,6 +126,9 @@ def timeline(trace: Trace, top: int = 10) -> dict:
                          for g, at, a, b in gaps[:top]],
         "host_events": [{"name": n[:100], "thread": th[:40], "start_ms": (st - t0) / 1e6, "ms": d / 1e6}
                         for st, d, n, th in sorted(h for h in host if HOST_EVENTS.search(h[2]) and h[1] > 20_000)][:60],
+        "host_events_in_longest_gap": [
+            {"name": n[:100], "thread": th[:40], "start_ms": (st - t0) / 1e6, "ms": d / 1e6}
+            for st, d, n, th in sorted(h for h in host if h[1] > 20_000 and h[0] < hi and h[0] + h[1] > lo)][:80],
     }
 
 
