@@ -8,8 +8,8 @@
 
 then the output side detokenizes incrementally and applies stop strings. `step()` runs
 these verbs shifted by one call (the next call is queued before this one is read), so
-the device never waits for the host (see its NOTE). Both the offline `LLM` and the server's `AsyncEngine` drive
-this class.
+the device never waits for the host (see its NOTE). Both the offline `LLM` and the
+server's `AsyncEngine` drive this class.
 
 On a mesh with dp data shards, `schedule()` gives one plan per shard (each shard
 has its own scheduler and page pool, engine.data_parallel) and the runner runs
