@@ -366,7 +366,7 @@ class ModelRunner:
             raise RuntimeError(f"step of {n_tok} tokens / {n_pages} pages exceeds every bucket")
         return Bucket(t, min(t, self.max_num_seqs) + 1, p)
 
-    def _pack(self, plan: StepPlan, bucket: Bucket, prev_rows: dict[str, int] | None = None,
+    def _pack(self, plan: StepPlan, bucket: Bucket, prev_rows: dict[str, int],
               row_steps: np.ndarray | None = None) -> np.ndarray:
         """The packed host inputs of one shard's plan (and a fused call's steps field). A PENDING
         token reads the previous call's `last` at its sequence's row there, `prev_rows[seq_id]`.

@@ -232,7 +232,8 @@ class Scheduler:
 
         # 3. Admit waiting sequences in order. Not after a preemption: memory is tight.
         held: list[Sequence] = []
-        while self.waiting and not preempted and self.num_seats_free > 0 and budget > 0:
+        seats = self.num_seats_free
+        while self.waiting and not preempted and seats > 0 and budget > 0:
             seq = self.waiting.popleft()
             donor = self._prefix_donor(seq)
             if donor is _HOLD:
@@ -249,6 +250,7 @@ class Scheduler:
             seq.num_computed_tokens = start
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            seats -= 1
             (decodes if num == seq.num_tokens - start == 1 else chunks).append(self._plan_chunk(seq, num))
             budget -= num
         self.waiting.extendleft(reversed(held))

@@ -316,6 +316,16 @@ def test_a_step_planned_before_the_last_is_read_carries_its_token_as_pending():
     assert (a.output_token_ids, b.output_token_ids, b.finish_reason) == ([EOS], [7, 8], "length")
 
 
+def test_a_sequence_whose_last_token_is_pending_leaves_its_seat():
+    sched = make(max_num_seqs=1)
+    (a,) = sched.add_request("a", [1, 2, 3], params(max_tokens=2))
+    sched.add_request("b", [4, 5], params())
+    for _ in range(2):  # a's prompt, then its decode: both of its tokens are pending
+        sched.advance(sched.schedule())
+    assert a.num_pending == 2 and a.status is SequenceStatus.RUNNING
+    assert shape(sched.schedule()) == [("b-0", 0, 2, True)]  # b joins before a's tokens are read
+
+
 def test_a_sequence_preempted_with_a_token_in_flight_keeps_it():
     sched = make(num_pages=4, page_size=2)  # 3 usable pages
     (a,) = sched.add_request("a", [1, 2, 3], params(max_tokens=3))
