@@ -1,10 +1,11 @@
-"""Paged attention on the GPU: check the Pallas kernel against the reference, then time both.
+"""Paged attention on the GPU: check the Pallas kernels against the reference, then time both.
 
     PYTHONPATH=. python benchmarks/attention.py benchmarks/results/attention_h100.json [--sweep]
 
 1. Correctness: random steps (decode, prompt chunks, mixes, padding; GQA 1/3/4; pages
    16..128) through the kernel in bf16 and through the jnp reference in float32 at
    full matmul precision; ||out - ref|| / ||ref|| must stay under 2e-2 (bf16 operands).
+   The RoPE + KV-write kernel (models.kernels.pallas_write) against its reference too.
 2. Timing: median over repetitions of `INNER` back-to-back calls (asynchronous
    dispatch keeps the GPU busy; block_until_ready on the last), after warm-up.
    Effective bandwidth counts the K/V bytes each token's context needs, read once
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.attention import AttentionMetadata
-from models.kernels import pallas_gpu, reference
+from models.kernels import pallas_gpu, pallas_write, reference
 
 INNER = 10  # calls per timed repetition
 REPS = 15  # repetitions; the median is reported
@@ -161,6 +162,38 @@ def run_checks(rng):
         results.append({"name": name, "tokens": int(q.shape[0]), "rows": int(meta.seq_lens.shape[0]),
                         "rel_error": err, "finite": bool(np.isfinite(out).all()), "ok": ok})
         print(f"check  {name:48s} T={q.shape[0]:5d} B={meta.seq_lens.shape[0]:4d} rel_err={err:.2e} {'ok' if ok else 'FAIL'}")
+    return results
+
+
+WRITE_CASES = [  # name, tokens, kv_heads, group, head_dim, page_size: RoPE + KV write (models.kernels.pallas_write)
+    ("write batch-1 bucket, 8B shape", 16, 8, 4, 128, 16),
+    ("write mixed step, 8B shape", 1216, 8, 4, 128, 16),
+    ("write odd group, tp=2 SmolLM2 shape", 37, 2, 3, 64, 16),
+]
+
+
+def run_write_checks(rng):
+    """The fused RoPE + KV-write kernel against the jnp reference on the GPU, and both timed."""
+    results = []
+    for name, t, kv, g, d, page_size in WRITE_CASES:
+        n_pages = 2 + -(-t // page_size)
+        slots = jnp.asarray(rng.permutation(np.arange(page_size, n_pages * page_size))[:t], jnp.int32)
+        positions = jnp.asarray(rng.integers(0, 2048, t), jnp.int32)
+        key = jax.random.key(len(results))
+        qkv = jax.random.normal(key, (t, kv, g + 2, d), jnp.float32).astype(jnp.bfloat16)
+        pages = jax.random.normal(jax.random.fold_in(key, 1), (2, kv, n_pages, page_size, d), jnp.bfloat16)
+        cos, sin = reference.rope_tables(positions, 500000.0 ** (-jnp.arange(0, d, 2) / d))
+        args = (qkv, pages[0], pages[1], slots, cos, sin)
+        kernel, ref = jax.jit(pallas_write.rope_and_write), jax.jit(reference.rope_and_write)
+        (q, k, v), (ref_q, ref_k, ref_v) = kernel(*args), ref(*args)
+        f32 = lambda x: np.asarray(x.astype(jnp.float32))  # noqa: E731
+        errs = [relative_error(f32(q), f32(ref_q))] + [  # pages compared past the trash page
+            relative_error(f32(a)[:, 1:], f32(b)[:, 1:]) for a, b in ((k, ref_k), (v, ref_v))]
+        ok = max(errs) < 1e-2
+        results.append({"name": name, "tokens": t, "rel_error_q_k_v": errs, "ok": ok,
+                        "pallas": time_call(kernel, *args), "xla reference": time_call(ref, *args)})
+        print(f"check  {name:48s} T={t:5d} rel_err={max(errs):.2e} {'ok' if ok else 'FAIL'} "
+              f"pallas {results[-1]['pallas']['median_ms'] * 1e3:.1f} us, xla {results[-1]['xla reference']['median_ms'] * 1e3:.1f} us")
     return results
 
 
@@ -298,11 +331,12 @@ def main():
     }
     if not args.skip_checks:
         result["checks"] = run_checks(rng)
+        result["write_checks"] = run_write_checks(rng)
     result["cases"] = run_timings(rng, args.sweep)
     result["cudnn"] = cudnn_prompt_timing()
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    failed = [c["name"] for c in result.get("checks", []) if not c["ok"]]
+    failed = [c["name"] for c in result.get("checks", []) + result.get("write_checks", []) if not c["ok"]]
     print("checks failed: " + ", ".join(failed) if failed else "all checks passed")
     print("\nsummary (median ms, TB/s effective):")
     for case in result["cases"]:

@@ -175,10 +175,12 @@ def _write_checkpoints(preset: str, workdir: str) -> dict:
             index.update({k: name for k in shard})
             shard, shard_bytes, n = {}, 0, n + 1
 
-    for hf_name, (path, _) in type(model).hf_param_map(cfg).items():
-        w = np.asarray(jax.device_get(ours[path]))
-        if hf_name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-            w = w.reshape(e, -1).T  # ours (E, N, D) -> torch Linear (N*D, E)
+    for hf_name, spec in type(model).hf_param_map(cfg).items():
+        w = np.asarray(jax.device_get(ours[spec.path]))
+        if spec.part is not None:  # q of the fused qkv, gate of gate_up, ...
+            w = np.take(w, np.arange(spec.part.start, spec.part.stop), axis=spec.axis)
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")):
+            w = w.reshape(e, -1).T  # ours (E, ..., N) -> torch Linear (N..., E)
         elif hf_name.endswith("o_proj.weight"):
             w = w.reshape(-1, e).T  # ours (H, D, E) -> (E, H*D)
         elif hf_name.endswith(("_proj.weight",)) or hf_name == "lm_head.weight":

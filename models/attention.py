@@ -23,7 +23,7 @@ kernels for particular devices live in `models/kernels/` behind the same call.
 from flax import struct
 from jaxtyping import Array, Float, Int
 
-from models.kernels import pallas_gpu, reference
+from models.kernels import pallas_gpu, pallas_write, reference
 
 KVPages = Float[Array, "KV N S D"]
 
@@ -44,18 +44,27 @@ class AttentionMetadata:
     query_start_loc: Int[Array, " B1"]  # B + 1 offsets: tokens of row b are [qsl[b], qsl[b+1])
 
 
-def write_kv(
+def rope_and_write(
+    qkv: Float[Array, "T K G2 D"],
     k_pages: KVPages,
     v_pages: KVPages,
-    k: Float[Array, "T KV D"],
-    v: Float[Array, "T KV D"],
-    slot_mapping: Int[Array, " T"],
-) -> tuple[KVPages, KVPages]:
-    """Scatter this step's K/V into their slots (in place when the cache is donated)."""
-    kv, n, s, d = k_pages.shape
-    flat_k = k_pages.reshape(kv, n * s, d).at[:, slot_mapping].set(k.swapaxes(0, 1).astype(k_pages.dtype))
-    flat_v = v_pages.reshape(kv, n * s, d).at[:, slot_mapping].set(v.swapaxes(0, 1).astype(v_pages.dtype))
-    return flat_k.reshape(kv, n, s, d), flat_v.reshape(kv, n, s, d)
+    meta: AttentionMetadata,
+    rope: tuple[Float[Array, "T D2"], Float[Array, "T D2"]],
+    *,
+    backend: str = "reference",
+) -> tuple[Float[Array, "T H D"], KVPages, KVPages]:
+    """RoPE on q and k of the fused projection, and k/v written to their slots (in place when donated).
+
+    qkv holds, per KV head, its G query heads, then its K and its V head (G2 = G + 2); `rope`
+    is the step's (cos, sin) of every token's angles (`rope_tables`). Returns q (T, K * G, D)
+    and the updated pages.
+    """
+    args = (qkv, k_pages, v_pages, meta.slot_mapping, *rope)
+    if backend == "reference":
+        return reference.rope_and_write(*args)
+    if backend == "pallas":
+        return pallas_write.rope_and_write(*args)
+    raise ValueError(f"unknown attention backend {backend!r}; known: 'reference', 'pallas' (GPU)")
 
 
 def paged_attention(

@@ -6,7 +6,6 @@ states and the updated cache come out. `logits()` projects the rows the runner p
 """
 
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,8 @@ from jaxtyping import Array, Float, Int
 
 from models.attention import AttentionMetadata
 from models.config import ModelConfig
+from models.hf_tensor import HFTensor
+from models.kernels.reference import rope_tables
 from models.layers import MLP, Attention, RMSNorm, param
 
 KVCache = list[tuple[jax.Array, jax.Array]]  # per layer: K and V pages, each (KV, N, S, D)
@@ -27,9 +28,9 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, bias=cfg.mlp_bias)
 
-    def __call__(self, x, k_pages, v_pages, meta, inv_freq, backend, mesh):
+    def __call__(self, x, k_pages, v_pages, meta, rope, backend, mesh):
         with jax.named_scope("attention"):
-            h, k_pages, v_pages = self.attn(self.input_norm(x), k_pages, v_pages, meta, inv_freq, backend, mesh)
+            h, k_pages, v_pages = self.attn(self.input_norm(x), k_pages, v_pages, meta, rope, backend, mesh)
         x = x + h
         with jax.named_scope("mlp"):
             x = x + self.mlp(self.post_attn_norm(x))
@@ -37,11 +38,11 @@ class DecoderLayer(nnx.Module):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7, 8))
-def _run_layer(graphdef, state, x, k_pages, v_pages, meta, inv_freq, backend, mesh):
+def _run_layer(graphdef, state, x, k_pages, v_pages, meta, rope, backend, mesh):
     """One decoder layer as a nested jit: the layers share one graphdef and their inputs' shapes,
     so a step traces and lowers the layer once, not once per layer (XLA still inlines every
     call and fuses as before). This keeps warm-up time from growing with the depth in Python."""
-    return nnx.merge(graphdef, state)(x, k_pages, v_pages, meta, inv_freq, backend, mesh)
+    return nnx.merge(graphdef, state)(x, k_pages, v_pages, meta, rope, backend, mesh)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -62,10 +63,11 @@ class LlamaForCausalLM(nnx.Module):
         self, tokens: Int[Array, " T"], kv_cache: KVCache, meta: AttentionMetadata
     ) -> tuple[Float[Array, "T E"], KVCache]:
         x = self.embed[...][tokens]
+        rope = rope_tables(meta.positions, self.inv_freq[...])  # one table for every layer
         new_cache = []
         for layer, (k_pages, v_pages) in zip(self.layers, kv_cache, strict=True):
             graphdef, state = nnx.split(layer)
-            x, k_pages, v_pages = _run_layer(graphdef, state, x, k_pages, v_pages, meta, self.inv_freq[...],
+            x, k_pages, v_pages = _run_layer(graphdef, state, x, k_pages, v_pages, meta, rope,
                                              self.attention_backend, self.mesh)
             new_cache.append((k_pages, v_pages))
         return self.norm(x), new_cache
@@ -77,19 +79,21 @@ class LlamaForCausalLM(nnx.Module):
     # ---- checkpoint names ----------------------------------------------------------
 
     @staticmethod
-    def hf_param_map(cfg: ModelConfig) -> dict[str, tuple[tuple, Callable]]:
-        """HF tensor name -> (our param path, transform from HF's layout to ours).
+    def hf_param_map(cfg: ModelConfig) -> dict[str, HFTensor]:
+        """HF tensor name -> where it goes in our params, and the transform from HF's layout to ours.
 
         Transforms use array methods only, so they run on numpy and jax arrays alike (the
         loader runs them on the device); the transform of a parameter depends on its kind
-        (q, k, gate, ...) alone, never on its layer."""
+        (q, k, gate, ...) alone, never on its layer. q/k/v fill parts of the fused `qkv`
+        (along its group axis), gate/up parts of `gate_up`."""
         h, k, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        g = h // k
 
-        def heads_in(n):  # torch Linear (n*d, e) -> (e, n, d)
-            return lambda w: w.T.reshape(e, n, d)
+        def grouped(n):  # torch Linear (k*n*d, e) -> (e, k, n, d): n heads of each KV group
+            return lambda w: w.T.reshape(e, k, n, d)
 
-        def heads_bias(n):
-            return lambda b: b.reshape(n, d)
+        def grouped_bias(n):
+            return lambda b: b.reshape(k, n, d)
 
         def o_proj(w):  # (e, h*d) -> (h, d, e)
             return w.T.reshape(h, d, e)
@@ -97,40 +101,43 @@ class LlamaForCausalLM(nnx.Module):
         def t(w):
             return w.T
 
+        def t_part(w):  # (f, e) -> (e, 1, f): one of gate/up
+            return w.T[:, None, :]
+
+        def bias_part(b):  # (f,) -> (1, f)
+            return b[None, :]
+
         def same(w):
             return w
 
+        qkv_parts = {"q": slice(0, g), "k": slice(g, g + 1), "v": slice(g + 1, g + 2)}
         m = {
-            "model.embed_tokens.weight": (("embed",), same),
-            "model.norm.weight": (("norm", "weight"), same),
+            "model.embed_tokens.weight": HFTensor(("embed",), same),
+            "model.norm.weight": HFTensor(("norm", "weight"), same),
         }
         if not cfg.tie_word_embeddings:
-            m["lm_head.weight"] = (("lm_head",), t)
+            m["lm_head.weight"] = HFTensor(("lm_head",), t)
         for i in range(cfg.num_layers):
             p, L = f"model.layers.{i}.", ("layers", i)
             m |= {
-                p + "input_layernorm.weight": (L + ("input_norm", "weight"), same),
-                p + "post_attention_layernorm.weight": (L + ("post_attn_norm", "weight"), same),
-                p + "self_attn.q_proj.weight": (L + ("attn", "q"), heads_in(h)),
-                p + "self_attn.k_proj.weight": (L + ("attn", "k"), heads_in(k)),
-                p + "self_attn.v_proj.weight": (L + ("attn", "v"), heads_in(k)),
-                p + "self_attn.o_proj.weight": (L + ("attn", "o"), o_proj),
-                p + "mlp.gate_proj.weight": (L + ("mlp", "gate"), t),
-                p + "mlp.up_proj.weight": (L + ("mlp", "up"), t),
-                p + "mlp.down_proj.weight": (L + ("mlp", "down"), t),
+                p + "input_layernorm.weight": HFTensor(L + ("input_norm", "weight"), same),
+                p + "post_attention_layernorm.weight": HFTensor(L + ("post_attn_norm", "weight"), same),
+                p + "self_attn.o_proj.weight": HFTensor(L + ("attn", "o"), o_proj),
+                p + "mlp.gate_proj.weight": HFTensor(L + ("mlp", "gate_up"), t_part, 1, slice(0, 1)),
+                p + "mlp.up_proj.weight": HFTensor(L + ("mlp", "gate_up"), t_part, 1, slice(1, 2)),
+                p + "mlp.down_proj.weight": HFTensor(L + ("mlp", "down"), t),
             }
-            if cfg.qkv_bias:
-                m |= {
-                    p + "self_attn.q_proj.bias": (L + ("attn", "q_bias"), heads_bias(h)),
-                    p + "self_attn.k_proj.bias": (L + ("attn", "k_bias"), heads_bias(k)),
-                    p + "self_attn.v_proj.bias": (L + ("attn", "v_bias"), heads_bias(k)),
-                }
+            for name, part in qkv_parts.items():
+                n = part.stop - part.start
+                m[p + f"self_attn.{name}_proj.weight"] = HFTensor(L + ("attn", "qkv"), grouped(n), 2, part)
+                if cfg.qkv_bias:
+                    m[p + f"self_attn.{name}_proj.bias"] = HFTensor(L + ("attn", "qkv_bias"), grouped_bias(n), 1, part)
             if cfg.o_bias:
-                m[p + "self_attn.o_proj.bias"] = (L + ("attn", "o_bias"), same)
+                m[p + "self_attn.o_proj.bias"] = HFTensor(L + ("attn", "o_bias"), same)
             if cfg.mlp_bias:
                 m |= {
-                    p + "mlp.gate_proj.bias": (L + ("mlp", "gate_bias"), same),
-                    p + "mlp.up_proj.bias": (L + ("mlp", "up_bias"), same),
-                    p + "mlp.down_proj.bias": (L + ("mlp", "down_bias"), same),
+                    p + "mlp.gate_proj.bias": HFTensor(L + ("mlp", "gate_up_bias"), bias_part, 0, slice(0, 1)),
+                    p + "mlp.up_proj.bias": HFTensor(L + ("mlp", "gate_up_bias"), bias_part, 0, slice(1, 2)),
+                    p + "mlp.down_proj.bias": HFTensor(L + ("mlp", "down_bias"), same),
                 }
         return m

@@ -6,6 +6,7 @@ weights and Orbax restores also use to create each array straight in its shards)
 The default puts everything on the default device.
 """
 
+import collections
 import functools
 import os
 from collections.abc import Callable
@@ -98,22 +99,33 @@ def load_model(path: str | os.PathLike, dtype="float32", place: Place | None = N
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
     flat = dict(nnx.to_flat_state(state))
     by_name = cls.hf_param_map(cfg)
+    parts_of = collections.Counter(spec.path for spec in by_name.values())
+    arrived: dict[tuple, list] = collections.defaultdict(list)  # path -> [(spec, staged tensor)]
     filled: dict[tuple, jax.Array] = {}
+    seen: set[str] = set()
     np_dtype = np.float32 if dtype == jnp.float32 else dtype
     to_device = _LayoutOnDevice(place)
     for name, array in iter_tensors(path, dtype=np_dtype):
         if name not in by_name:
             raise CheckpointError(f"{path}: unexpected tensor {name!r} for {cfg.architecture}")
-        target, to_ours = by_name[name]
-        var = flat[target]
+        spec = by_name[name]
+        seen.add(name)
+        var = flat[spec.path]
+        expected = list(var.shape)
+        if spec.part is not None:
+            expected[spec.axis] = spec.part.stop - spec.part.start
         try:
-            shape = jax.eval_shape(to_ours, jax.ShapeDtypeStruct(array.shape, array.dtype)).shape
+            shape = jax.eval_shape(spec.to_ours, jax.ShapeDtypeStruct(array.shape, array.dtype)).shape
         except (TypeError, ValueError):
             shape = None
-        if shape != tuple(var.shape):
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {array.shape}, expected one matching {var.shape}")
-        filled[target] = to_device(target, var.get_metadata().get("logical_axes"), to_ours, array, shape)
-    missing = [k for k in by_name if by_name[k][0] not in filled]
+        if shape != tuple(expected):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {array.shape}, expected one matching {tuple(expected)}")
+        arrived[spec.path].append((spec, to_device.stage(array)))
+        if len(arrived[spec.path]) == parts_of[spec.path]:
+            pieces = sorted(arrived.pop(spec.path), key=lambda p: p[0].part.start if p[0].part else 0)
+            filled[spec.path] = to_device(spec.path, var.get_metadata().get("logical_axes"), pieces, tuple(var.shape))
+    missing = [k for k in by_name if k not in seen]
     if missing:
         raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     for key, var in flat.items():
@@ -128,35 +140,51 @@ def load_model(path: str | os.PathLike, dtype="float32", place: Place | None = N
 class _LayoutOnDevice:
     """Puts checkpoint tensors on their devices in our layout, changing the layout there.
 
-    A tensor travels in the checkpoint's layout (contiguous as read), then one compiled
-    function per kind of parameter (q, k, ..., shared by the layers, whose transform
-    depends only on the kind) transposes it, pads heads and reshards it on the devices:
-    transposing gigabytes in numpy on the host would cost most of the load time. A
-    caller's own `place` callable gets host arrays in our layout instead.
+    A tensor travels in the checkpoint's layout (contiguous as read, `stage`), then one
+    compiled function per kind of parameter (qkv, o, ..., shared by the layers, whose
+    transform depends only on the kind) transposes it, joins the parts of a fused
+    parameter, pads heads and reshards it on the devices: transposing gigabytes in numpy
+    on the host would cost most of the load time. A caller's own `place` callable gets
+    host arrays in our layout instead.
     """
 
     def __init__(self, place: Place | None):
         self.place = place
         self.fns: dict[tuple, Callable] = {}
 
-    def __call__(self, target: tuple, axes, to_ours: Callable, array: np.ndarray, shape: tuple) -> jax.Array:
-        """`shape`: the tensor's shape in our layout (before any head padding)."""
-        place = self.place
-        if place is not None and not isinstance(place, Placement):
-            return place(target, axes, np.ascontiguousarray(to_ours(array)))
+    @property
+    def on_host(self) -> bool:
+        return self.place is not None and not isinstance(self.place, Placement)
+
+    def stage(self, array: np.ndarray):
+        """One checkpoint tensor, as read, on the device(s) (every device whole, for the moment)."""
+        if self.on_host:
+            return array
+        if self.place is None:
+            return jax.device_put(array)
+        staging = named_sharding(self.place.mesh, None)  # each process from its own read
+        return jax.make_array_from_callback(array.shape, staging, lambda index: array[index])
+
+    def __call__(self, target: tuple, axes, pieces: list, shape: tuple) -> jax.Array:
+        """The parameter at `target` from its staged `pieces` [(HFTensor, array)]; `shape`: ours, before padding."""
+        specs, arrays = zip(*pieces)
+        if self.on_host:
+            return self.place(target, axes, np.ascontiguousarray(_join(specs, arrays, np.concatenate)))
+        join = functools.partial(_join, specs, concatenate=jnp.concatenate)
         kind = target[-2:] if target[0] == "layers" else target
-        key = (kind, array.shape, array.dtype)
+        key = (kind, tuple((x.shape, x.dtype) for x in arrays))
         if key not in self.fns:
+            place = self.place
             if place is None:
-                self.fns[key] = jax.jit(to_ours)
+                self.fns[key] = jax.jit(lambda *xs: join(xs))
             else:
-                served = place.served_shape(axes, shape)
                 heads = place.heads
-                self.fns[key] = jax.jit(lambda x, f=to_ours: heads.pad(axes, f(x)) if heads else f(x),
-                                        out_shardings=place.sharding(axes, served))
-        if place is None:
-            staged = jax.device_put(array)
-        else:  # every device gets the whole tensor for the moment (each process from its own read)
-            staging = named_sharding(place.mesh, None)
-            staged = jax.make_array_from_callback(array.shape, staging, lambda index: array[index])
-        return self.fns[key](staged)
+                self.fns[key] = jax.jit(lambda *xs: heads.pad(axes, join(xs)) if heads else join(xs),
+                                        out_shardings=place.sharding(axes, place.served_shape(axes, shape)))
+        return self.fns[key](*arrays)
+
+
+def _join(specs, xs, concatenate):
+    """A parameter in our layout from its pieces: each transformed, the parts of a fused one joined."""
+    ours = [spec.to_ours(x) for spec, x in zip(specs, xs)]
+    return ours[0] if len(ours) == 1 else concatenate(ours, axis=specs[0].axis)

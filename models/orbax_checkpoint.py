@@ -3,7 +3,7 @@
 A converted folder holds
 
     pagedjax_model.json   the ModelConfig, field by field, and the weights' dtype
-    params/               an Orbax checkpoint, one array per parameter ("layers.0.attn.q", ...)
+    params/               an Orbax checkpoint, one array per parameter ("layers.0.attn.qkv", ...)
     tokenizer files       written beside them by engine.source, so the folder serves on its own
 
 The arrays are stored in the checkpoint head layout (as HF has them), whatever

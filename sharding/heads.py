@@ -23,8 +23,11 @@ heads, so `HeadLayout.describe()` says how many are served.
                                             Q   [0 1 | 2 - | 3 4 | 5 -]
 
 The served arrays are the checkpoint's arrays gathered along their "heads" and
-"kv_heads" axes through an index map (-1: a zero head). That needs only the
-logical axis names, so no model is known here.
+"kv_heads" axes through an index map (-1: a zero head). A fused q/k/v weight
+has a "kv_heads" axis followed by a "qkv" axis of G + 2 (the group's G query
+heads, then its K and its V head); the two are gathered together, to
+(served KV heads, served G + 2). That needs only the logical axis names, so no
+model is known here.
 """
 
 import math
@@ -32,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-HEADS, KV_HEADS = "heads", "kv_heads"  # the logical axis names this layout rewrites
+HEADS, KV_HEADS, QKV = "heads", "kv_heads", "qkv"  # the logical axis names this layout rewrites
 
 
 @dataclass(frozen=True)
@@ -52,26 +55,43 @@ class HeadLayout:
         return len(self.kv_index)
 
     @property
+    def served_group(self) -> int:
+        return self.served_heads // self.served_kv_heads
+
+    @property
     def is_identity(self) -> bool:
         return self.q_index == tuple(range(self.num_heads)) and self.kv_index == tuple(range(self.num_kv_heads))
 
     def served_shape(self, axes: tuple | None, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape of an array as served, given its checkpoint shape and logical axes."""
-        sizes = {HEADS: self.served_heads, KV_HEADS: self.served_kv_heads}
+        sizes = {HEADS: self.served_heads, KV_HEADS: self.served_kv_heads, QKV: self.served_group + 2}
         return tuple(sizes.get(a, n) for a, n in zip(axes or (None,) * len(shape), shape))
 
     def pad(self, axes: tuple | None, x):
-        """Gather `x` (numpy or jax) along its "heads" / "kv_heads" axes into the served layout."""
+        """Gather `x` (numpy or jax) along its "heads" / "kv_heads" (/ "qkv") axes into the served layout."""
         if self.is_identity or not axes:
             return x
+        if QKV in axes:  # (.., K, G + 2, ..): gather the flattened pair, then split it again
+            a = axes.index(QKV) - 1
+            assert axes[a] == KV_HEADS, f"a {QKV!r} axis must follow a {KV_HEADS!r} axis: {axes}"
+            flat = _take(x.reshape(x.shape[:a] + (-1,) + x.shape[a + 2:]), a, self._qkv_index())
+            return flat.reshape(x.shape[:a] + (self.served_kv_heads, self.served_group + 2) + x.shape[a + 2:])
         for axis, name in enumerate(axes):
             index = {HEADS: self.q_index, KV_HEADS: self.kv_index}.get(name)
-            if index is None:
-                continue
-            index = np.asarray(index)
-            keep = (index >= 0).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
-            x = x.take(np.maximum(index, 0), axis=axis) * keep.astype(x.dtype)
+            if index is not None:
+                x = _take(x, axis, index)
         return x
+
+    def _qkv_index(self) -> list[int]:
+        """Served (KV head, slot) -> checkpoint (KV head, slot), flattened; slots: G query heads, K, V."""
+        g, served = self.num_heads // self.num_kv_heads, self.served_group
+        index = []
+        for j, kv in enumerate(self.kv_index):
+            for s in range(served):
+                q = self.q_index[j * served + s]
+                index.append(-1 if q < 0 else (q // g) * (g + 2) + q % g)
+            index += [-1, -1] if kv < 0 else [kv * (g + 2) + g, kv * (g + 2) + g + 1]
+        return index
 
     def describe(self) -> str:
         if self.is_identity:
@@ -104,6 +124,13 @@ def head_layout(num_heads: int, num_kv_heads: int, tp: int) -> HeadLayout:
     kv_index = tuple(j if j < k else -1 for j in range(served_k))
     q_index = tuple(q if q < h else -1 for q in range(served_k * g))
     return HeadLayout(h, k, tp, q_index, kv_index)
+
+
+def _take(x, axis: int, index):
+    """x gathered along `axis` by `index`; -1 gives zeros."""
+    index = np.asarray(index)
+    keep = (index >= 0).reshape([-1 if a == axis else 1 for a in range(x.ndim)])
+    return x.take(np.maximum(index, 0), axis=axis) * keep.astype(x.dtype)
 
 
 def _divisors(n: int) -> list[int]:

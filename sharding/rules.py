@@ -20,9 +20,10 @@ RULES: dict[str, str | None] = {
     # parameters
     "vocab": MODEL,  # embedding rows and lm_head columns: logits come out vocab-parallel
     "embed": None,  # the residual stream is whole on every device of a model group
-    "heads": MODEL,  # query heads (q and o projections)
-    "kv_heads": MODEL,  # KV heads (k and v projections, and the KV cache's first axis)
-    "mlp": MODEL,  # FFN columns of gate/up, rows of down
+    "heads": MODEL,  # query heads (the o projection)
+    "kv_heads": MODEL,  # KV heads (the fused q/k/v projection, and the KV cache's first axis)
+    "qkv": None,  # within a KV head's group: its query heads, then its K and its V
+    "mlp": MODEL,  # FFN columns of the fused gate/up, rows of down
     "head_dim": None,
     # KV cache
     "pages": DATA,  # each data shard owns its own page pool, addressed by local page ids

@@ -1,16 +1,59 @@
-"""Pure-jnp paged attention: the definition every kernel is checked against.
+"""Pure-jnp definitions every kernel is checked against: RoPE with the KV-cache write, and paged attention.
 
-Each token gathers its own sequence's context through the block table and attends
-causally over it. Tokens are processed in blocks so the gathered context of a
-block, not of the whole step, is what lives in memory at once.
+`rope_and_write` takes the fused q/k/v projection of a step, rotates q and k, and
+writes k and v into their cache slots. In `paged_attention` each token gathers its
+own sequence's context through the block table and attends causally over it.
+Tokens are processed in blocks so the gathered context of a block, not of the
+whole step, is what lives in memory at once.
 """
 
 import jax
 import jax.numpy as jnp
 from einops import rearrange
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 TOKEN_BLOCK = 32  # tokens whose context is gathered at once
+
+
+def rope_tables(positions: Int[Array, " T"], inv_freq: Float[Array, " D2"]) -> tuple[Float[Array, "T D2"], Float[Array, "T D2"]]:
+    """cos and sin of every token's RoPE angles (position * inv_freq[i]), float32; a step computes them
+    once, for all its layers."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq.astype(jnp.float32)[None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Float[Array, "T N D"], cos: Float[Array, "T D2"], sin: Float[Array, "T D2"]) -> Float[Array, "T N D"]:
+    """Rotate-half RoPE (HF's convention): pairs (i, i + D/2) rotate by position * inv_freq[i].
+
+    Written as x * cos + swap_halves(x) * (-sin, +sin) over a (.., 2, D/2) view, so XLA
+    emits one elementwise pass (a concatenate of the two halves costs a pass of its own).
+    """
+    t, n, d = x.shape
+    sign = jnp.array([-1.0, 1.0], jnp.float32)[:, None]
+    halves = x.astype(jnp.float32).reshape(t, n, 2, d // 2)
+    rotated = halves * cos[:, None, None, :] + jnp.flip(halves, axis=2) * (sin[:, None, None, :] * sign)
+    return rotated.reshape(t, n, d).astype(x.dtype)
+
+
+def rope_and_write(
+    qkv: Float[Array, "T K G2 D"],
+    k_pages: Float[Array, "KV N S D"],
+    v_pages: Float[Array, "KV N S D"],
+    slot_mapping: Int[Array, " T"],
+    cos: Float[Array, "T D2"],
+    sin: Float[Array, "T D2"],
+) -> tuple[Float[Array, "T H D"], Float[Array, "KV N S D"], Float[Array, "KV N S D"]]:
+    """q rotated, as (T, K * G, D); k rotated and v written at their slots (in place when donated).
+
+    qkv holds, per KV head, its G query heads, then its K and its V head (G2 = G + 2).
+    """
+    t, kv, g2, d = qkv.shape
+    qk = apply_rope(qkv[:, :, : g2 - 1].reshape(t, -1, d), cos, sin).reshape(t, kv, g2 - 1, d)
+    q, k, v = qk[:, :, :-1].reshape(t, -1, d), qk[:, :, -1], qkv[:, :, -1]
+    _, n, s, _ = k_pages.shape
+    flat_k = k_pages.reshape(kv, n * s, d).at[:, slot_mapping].set(k.swapaxes(0, 1).astype(k_pages.dtype))
+    flat_v = v_pages.reshape(kv, n * s, d).at[:, slot_mapping].set(v.swapaxes(0, 1).astype(v_pages.dtype))
+    return q, flat_k.reshape(kv, n, s, d), flat_v.reshape(kv, n, s, d)
 
 
 def paged_attention(

@@ -47,3 +47,19 @@ def test_replication_copies_kv_heads():
     assert lay.kv_index == (0, 0, 1, 1)
     kv = np.array([[[1.0], [2.0]]])  # (E=1, K=2, D=1)
     np.testing.assert_array_equal(lay.pad(("embed", "kv_heads", "head_dim"), kv)[0, :, 0], [1, 1, 2, 2])
+
+
+@pytest.mark.parametrize(("h", "k", "tp"), CASES)
+def test_fused_qkv_gathers_as_q_k_and_v_apart(h, k, tp):
+    """A (E, K, G + 2, D) q/k/v weight comes out as q, k and v each laid out alone, then regrouped."""
+    lay = head_layout(h, k, tp)
+    e, d, g = 2, 3, h // k
+    rng = np.random.default_rng(0)
+    q, kk, v = (rng.normal(size=(e, n, d)) + 1 for n in (h, k, k))  # + 1: no weight is zero
+    fused = np.concatenate([q.reshape(e, k, g, d), kk[:, :, None], v[:, :, None]], axis=2)
+    axes = ("embed", "kv_heads", "qkv", "head_dim")
+    served = lay.pad(axes, fused)
+    assert served.shape == lay.served_shape(axes, fused.shape) == (e, lay.served_kv_heads, lay.served_group + 2, d)
+    sq = lay.pad(("embed", "heads", "head_dim"), q).reshape(e, lay.served_kv_heads, lay.served_group, d)
+    skv = [lay.pad(("embed", "kv_heads", "head_dim"), x)[:, :, None] for x in (kk, v)]
+    np.testing.assert_array_equal(served, np.concatenate([sq, *skv], axis=2))

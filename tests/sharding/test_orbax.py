@@ -42,8 +42,9 @@ def test_saved_at_tp1_serves_at_tp4_and_on_dp2_tp2(tmp_path, preset_outputs):
     folder = _convert(tmp_path, "tiny-tp1", "tiny")
     assert json.loads((folder / "pagedjax_model.json").read_text())["model_config"]["num_heads"] == 6
     engine = _engine(folder, tp=4)
-    q = dict(nnx.to_flat_state(engine.runner.params))[("layers", 0, "attn", "q")].get_value()
-    assert q.sharding.spec == P(None, "model", None) and q.shape[1] == 8  # 6 heads, KV heads replicated
+    qkv = dict(nnx.to_flat_state(engine.runner.params))[("layers", 0, "attn", "qkv")].get_value()
+    assert qkv.sharding.spec == P(None, "model", None, None)
+    assert qkv.shape[1:3] == (4, 2 + 2)  # 6 query / 2 KV heads: each KV head twice, 2 of its 3 query heads per copy
     assert run_workload(engine) == preset_outputs
     assert run_workload(_engine(folder, dp=2, tp=2)) == preset_outputs
 

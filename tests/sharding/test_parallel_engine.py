@@ -43,28 +43,29 @@ def _run_without_compiling(engine: LLMEngine, **workload) -> list:
 
 
 def _weights(engine: LLMEngine) -> dict[str, jax.Array]:
-    """The served weights by name ("layers.0.attn.q", ...)."""
+    """The served weights by name ("layers.0.attn.qkv", ...)."""
     return {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(engine.runner.params)}
 
 
 def _check_placement(engine: LLMEngine, dp: int, tp: int) -> None:
     """The cache is split over KV heads (model) and pages (data); weights over heads, FFN and vocab."""
     flat = _weights(engine)
-    q, o, gate, down, embed = (flat[k] for k in ("layers.0.attn.q", "layers.0.attn.o", "layers.0.mlp.gate",
-                                                  "layers.0.mlp.down", "embed"))
-    assert dict(q.sharding.mesh.shape) == {"data": dp, "model": tp}
-    assert q.sharding.spec == P(None, "model", None) and q.sharding.shard_shape(q.shape)[1] == q.shape[1] // tp
+    qkv, o, gate_up, down, embed = (flat[k] for k in ("layers.0.attn.qkv", "layers.0.attn.o", "layers.0.mlp.gate_up",
+                                                      "layers.0.mlp.down", "embed"))
+    assert dict(qkv.sharding.mesh.shape) == {"data": dp, "model": tp}
+    assert qkv.sharding.spec == P(None, "model", None, None)  # whole groups of q, k and v per device
+    assert qkv.sharding.shard_shape(qkv.shape)[1] == qkv.shape[1] // tp
     assert o.sharding.spec == P("model", None, None)
-    assert gate.sharding.spec == P(None, "model") and down.sharding.spec == P("model", None)
+    assert gate_up.sharding.spec == P(None, None, "model") and down.sharding.spec == P("model", None)
     assert embed.sharding.spec == P("model", None)
     assert flat["norm.weight"].sharding.is_fully_replicated
     num_pages = engine.config.num_pages
     for k_pages, v_pages in engine.runner.kv_cache:
         for pages in (k_pages, v_pages):
             kv = pages.shape[0]
-            assert pages.shape == (kv, dp * num_pages, SMALL["page_size"], q.shape[2])
+            assert pages.shape == (kv, dp * num_pages, SMALL["page_size"], qkv.shape[3])
             assert pages.sharding.spec == P("model", "data", None, None)
-            assert pages.sharding.shard_shape(pages.shape) == (kv // tp, num_pages, SMALL["page_size"], q.shape[2])
+            assert pages.sharding.shard_shape(pages.shape) == (kv // tp, num_pages, SMALL["page_size"], qkv.shape[3])
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +94,8 @@ def test_awkward_heads_match_hf(dp, tp):
     """9 query / 3 KV heads on tp=2 and tp=4: zero-padded heads, HF's tokens."""
     golden = json.loads((ODD_GQA / "greedy.json").read_text())
     engine = _engine(str(ODD_GQA), dp, tp, num_pages=32)  # room for 30 + 24 tokens
-    q = _weights(engine)["layers.0.attn.q"]
-    assert q.shape[1] == 12  # 9 heads padded to 4 groups of 3, 4 KV heads
+    qkv = _weights(engine)["layers.0.attn.qkv"]
+    assert qkv.shape[1:3] == (4, 3 + 2)  # 9 heads padded to 4 groups of 3, 4 KV heads
     assert engine.runner.kv_cache[0][0].shape[0] == 4
     prompts = [c["prompt_ids"] for c in golden["cases"]]
     outputs = _run_without_compiling(engine, prompts=prompts, max_tokens=golden["max_new_tokens"])
