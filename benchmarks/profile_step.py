@@ -43,7 +43,7 @@ KINDS = (  # first match wins; names are GPU kernel names (Pallas kernels carry 
     ("attention", re.compile(r"paged_attention|flash|fmha|cudnn", re.I)),
     ("collective", re.compile(r"nccl|all_reduce|all-reduce|allreduce|all_gather|one_shot", re.I)),
     ("gemm", re.compile(r"gemm|cutlass|xmma|cublas|matmul|sm90_|sm80_|dot", re.I)),
-    ("kv_write", re.compile(r"scatter|dynamic.update.slice", re.I)),
+    ("kv_write", re.compile(r"scatter|dynamic.update.slice|rope_and_write", re.I)),
     ("sampling", re.compile(r"sort|top_?k|argmax|reduce|gumbel|threefry|random", re.I)),
     ("copy", re.compile(r"memcpy|memset|copy", re.I)),
 )
