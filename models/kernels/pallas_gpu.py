@@ -65,11 +65,11 @@ DECODE = KernelConfig(tile_rows=16, block_kv=64, num_splits=None, num_warps=4, n
 PREFILL = KernelConfig(tile_rows=64, block_kv=64, num_splits=1, num_warps=4, num_stages=2)
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _is_pow2(n: int) -> bool:
+def is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
@@ -77,7 +77,7 @@ def supports(q: Float[Array, "T H D"], k_pages: Float[Array, "KV N S D"]) -> boo
     """Whether the kernel handles these shapes (else use the reference)."""
     d = q.shape[-1]
     kv_heads, _, page_size, _ = k_pages.shape
-    return _is_pow2(d) and d >= 16 and _is_pow2(page_size) and q.shape[1] % kv_heads == 0
+    return is_pow2(d) and d >= 16 and is_pow2(page_size) and q.shape[1] % kv_heads == 0
 
 
 def _kernel(
@@ -204,7 +204,7 @@ def num_splits_for(programs: int, max_ctx: int, block_kv: int) -> int:
 
 def _tile(config: KernelConfig, group: int) -> tuple[int, int, int]:
     """(tile rows, padded group, tokens per query block) of a config for this GQA group."""
-    group_pad = _next_pow2(group)
+    group_pad = next_pow2(group)
     tile_rows = max(config.tile_rows, MIN_DOT_ROWS, group_pad)
     return tile_rows, group_pad, tile_rows // group_pad
 
@@ -223,7 +223,7 @@ def paged_attention_kernel(
     t, h, d = q.shape
     kv_heads, n_pages, page_size, _ = k_pages.shape
     group = h // kv_heads
-    group_pad = _next_pow2(group)
+    group_pad = next_pow2(group)
     tile_rows = max(config.tile_rows, MIN_DOT_ROWS, group_pad)
     qsl = meta.query_start_loc
     blk_row, blk_lo, blk_hi = query_block_schedule(qsl, t, tile_rows // group_pad)

@@ -27,17 +27,15 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
 
 from models.kernels import reference
+from models.kernels.pallas_gpu import is_pow2, next_pow2
 
 TILE_ROWS = 64  # (token, query head) rows per program
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def supports(qkv, k_pages) -> bool:
+    """Whether the kernel handles these shapes: each half of a head is a power-of-two tile of >= 16."""
     d = qkv.shape[-1]
-    return d >= 32 and d & (d - 1) == 0 and qkv.shape[1] == k_pages.shape[0]
+    return d >= 32 and is_pow2(d) and qkv.shape[1] == k_pages.shape[0]
 
 
 def _kernel(qkv_ref, slot_ref, cos_ref, sin_ref, _k_in, _v_in, q_ref, k_ref, v_ref, *,
@@ -96,7 +94,7 @@ def rope_and_write(
         return reference.rope_and_write(qkv, k_pages, v_pages, slot_mapping, cos, sin)
     t, kv, g2, d = qkv.shape
     group = g2 - 2
-    group_pad = _next_pow2(group)
+    group_pad = next_pow2(group)
     block_t = max(1, TILE_ROWS // group_pad)
     _, n, s, _ = k_pages.shape
     kernel = functools.partial(_kernel, block_t=block_t, group=group, group_pad=group_pad)
