@@ -189,6 +189,7 @@ def engine_info(engine) -> dict:
                   "hidden_size": mc.hidden_size, "num_heads": mc.num_heads, "num_kv_heads": mc.num_kv_heads,
                   "head_dim": mc.head_dim, "vocab_size": mc.vocab_size, "dtype": str(np.dtype(engine.dtype))},
         "attention_backend": getattr(engine.model, "attention_backend", None),
+        "matmul_backend": getattr(engine.model, "matmul_backend", None),
         "max_model_len": engine.max_model_len,
         "num_pages": engine.scheduler.allocators[0].num_pages,  # of each data shard
         "page_size": engine.config.page_size,

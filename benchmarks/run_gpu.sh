@@ -16,7 +16,11 @@
 #   profile8b  benchmarks/profile_step.py on the 8B engine: GPU time per kernel kind of a batch-1 and a
 #              batch-192 decode step, a step where a prompt joins 191 decodes, and the TTFT step
 #              (PROFILE_ARGS replaces its workload flags), with a timeline of the TTFT and decode traces
-#   attention  benchmarks/attention.py (profile8b and attention are not in the default list)
+#   attention  benchmarks/attention.py
+#   matmul     benchmarks/matmul.py: the fused projection kernel checked and timed against XLA's ops on the
+#              8B shapes, 16 and 64 rows, with a sweep of block shapes
+#   matmul8b   the llama8b latency cases with --matmul-backend pallas (llama8b in the same call is the baseline)
+#              (profile8b, attention, matmul and matmul8b are not in the default list)
 #
 # BUDGET_8B / BUDGET_1B (seconds, default 75 / 60) bound the offline runs: N is lowered from 1000
 # to what fits. Give 280 / 150 (one stage per call) for the full 1000 prompts.
@@ -165,8 +169,13 @@ for s in "${stages[@]}"; do
         --out "$work/results/profile8b.json" ;;
     attention)
       stage attention 240 60 $py benchmarks/attention.py "$work/results/attention.json" ;;
+    matmul)
+      stage matmul 240 60 $py -m benchmarks.matmul --rows 16 --rows 64 --sweep --out "$work/results/matmul.json" ;;
+    matmul8b)
+      stage matmul8b 200 90 $py -m benchmarks.latency "${engine8b[@]}" --matmul-backend pallas --case 1x128x256 \
+        --case 64x128x256 --ttft-input-len 1024 $(ceilings) --out "$work/results/matmul8b.json" ;;
     *)
-      echo "unknown stage $s (known: roofline llama8b warmup8b llama1b peer8b peer1b serve profile8b attention)" ;;
+      echo "unknown stage $s (known: roofline llama8b warmup8b llama1b peer8b peer1b serve profile8b attention matmul matmul8b)" ;;
   esac
 done
 

@@ -35,6 +35,7 @@ class EngineConfig:
     num_processes: int = 1  # multi-host: processes in the run (each runs `pagedjax serve` with its own process_id)
     process_id: int = 0  # multi-host: this process; 0 runs the server and the scheduler
     attention_backend: str | None = None  # None: the best one for the platform
+    matmul_backend: str = "xla"  # the layers' projections: "xla", or "pallas" (fused kernels for small steps, GPU)
     decode_steps: int | None = None  # decode steps fused into one call when nothing waits; None: 8 on accelerators, 1 on CPU
 
     def __post_init__(self):
@@ -57,6 +58,8 @@ class EngineConfig:
             bad("max_model_len", "must be >= 1")
         if self.decode_steps is not None and self.decode_steps < 1:
             bad("decode_steps", "must be >= 1")
+        if self.matmul_backend not in ("xla", "pallas"):
+            bad("matmul_backend", "must be 'xla' or 'pallas'")
         if self.tp < 1 or self.dp < 1:
             bad("tp" if self.tp < 1 else "dp", "must be >= 1")
         if self.num_processes < 1:

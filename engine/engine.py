@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import jax
 
 from engine.allocator import PageAllocator
-from engine.config import EngineConfig
+from engine.config import EngineConfig, EngineConfigError
 from engine.data_parallel import DataParallelScheduler
 from engine.detokenizer import IncrementalDetokenizer
 from engine.params import CompletionOutput, Logprob, ParamError, RequestOutput, SamplingParams
@@ -86,6 +86,8 @@ class LLMEngine:
             os.makedirs(config.compilation_cache_dir, exist_ok=True)
             jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        if config.matmul_backend == "pallas" and jax.default_backend() not in ("gpu", "cuda"):
+            raise EngineConfigError(f"engine config: matmul_backend 'pallas' needs a GPU (this is {jax.default_backend()})")
         self.mesh = make_mesh(config.dp, config.tp)
         t0 = time.perf_counter()
         self.model, self.model_config, self.tokenizer, self.model_name, self.dtype, placement = (
@@ -93,6 +95,7 @@ class LLMEngine:
         )
         self.load_seconds = time.perf_counter() - t0
         self.model.attention_backend = config.attention_backend or attention_backend_for(jax.default_backend())
+        self.model.matmul_backend = config.matmul_backend
         mc = self.model_config
         self.max_model_len = config.max_model_len or min(mc.max_position_embeddings, 4096)
         # The cache holds the heads as served: padded or replicated when tp does not divide them.

@@ -1,5 +1,10 @@
 """Layers shared by every model family: RMSNorm, the SwiGLU MLP, the attention block (RoPE in it).
 
+The MLP and attention blocks are pre-norm residual blocks: each takes the residual
+stream x and the norm in front of it and returns x + block(norm(x)). Their weight
+products go through `models.projection.project`, which folds the norm, SwiGLU, the
+biases and the residual add into the products when its backend can.
+
 Every weight is an `nnx.Param` carrying `logical_axes` (names such as "embed",
 "heads", "mlp", "vocab"); `sharding/` maps those names to mesh axes. Shape letters:
 T tokens in the step, E hidden, H query heads, K KV heads, D head dim, F FFN, V vocab.
@@ -11,6 +16,8 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from models.attention import AttentionMetadata, KVPages
+from models.kernels.reference import rms_norm
+from models.projection import project
 from models.sharded_attention import write_and_attend
 
 
@@ -35,10 +42,15 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: Float[Array, "T E"]) -> Float[Array, "T E"]:
-        # Normalise in float32, scale in the compute dtype (as HF does).
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * x32.astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def _project(x, w: nnx.Param, bias: nnx.Param | None, matmul: str, mesh, norm: RMSNorm | None = None, **kw):
+    """`project` with a weight's logical axes, its optional bias, and the norm before it."""
+    if norm is not None:
+        kw |= {"norm_weight": norm.weight[...], "eps": norm.eps}
+    return project(x, w[...], w.get_metadata()["logical_axes"], backend=matmul, mesh=mesh,
+                   bias=None if bias is None else bias[...], **kw)
 
 
 class MLP(nnx.Module):
@@ -50,12 +62,10 @@ class MLP(nnx.Module):
         self.gate_up_bias = zeros((2, ffn), (None, "mlp"), dtype) if bias else None
         self.down_bias = zeros((hidden,), ("embed",), dtype) if bias else None
 
-    def __call__(self, x: Float[Array, "T E"]) -> Float[Array, "T E"]:
-        gu = jnp.einsum("te,ecf->tcf", x, self.gate_up[...])
-        if self.gate_up_bias is not None:
-            gu = gu + self.gate_up_bias[...]
-        out = (jax.nn.silu(gu[:, 0]) * gu[:, 1]) @ self.down[...]
-        return out + self.down_bias[...] if self.down_bias is not None else out
+    def __call__(self, x: Float[Array, "T E"], norm: RMSNorm, matmul: str = "xla", mesh=None) -> Float[Array, "T E"]:
+        """x + down(silu(gate(n)) * up(n)), n = norm(x)."""
+        gu = _project(x, self.gate_up, self.gate_up_bias, matmul, mesh, norm)  # (T, 2, F)
+        return _project(gu, self.down, self.down_bias, matmul, mesh, swiglu=True, residual=x)
 
 
 class Attention(nnx.Module):
@@ -76,20 +86,19 @@ class Attention(nnx.Module):
     def __call__(
         self,
         x: Float[Array, "T E"],
+        norm: RMSNorm,
         k_pages: KVPages,
         v_pages: KVPages,
         meta: AttentionMetadata,
         rope: tuple[Float[Array, "T D2"], Float[Array, "T D2"]],
         backend: str,
         mesh: jax.sharding.Mesh | None = None,
+        matmul: str = "xla",
     ) -> tuple[Float[Array, "T E"], KVPages, KVPages]:
-        qkv = jnp.einsum("te,ekgd->tkgd", x, self.qkv[...])
-        if self.qkv_bias is not None:
-            qkv = qkv + self.qkv_bias[...]
+        """x + o(attention(qkv(norm(x)))), and the pages with this step's K/V written; `backend`
+        picks the attention op, `matmul` the projections'."""
+        qkv = _project(x, self.qkv, self.qkv_bias, matmul, mesh, norm)  # (T, K, G + 2, D)
         out, k_pages, v_pages = write_and_attend(  # (T, H, D)
             qkv, k_pages, v_pages, meta, rope, scale=self.scale, backend=backend, mesh=mesh
         )
-        out = jnp.einsum("thd,hde->te", out, self.o[...])
-        if self.o_bias is not None:
-            out = out + self.o_bias[...]
-        return out, k_pages, v_pages
+        return _project(out, self.o, self.o_bias, matmul, mesh, residual=x), k_pages, v_pages

@@ -28,21 +28,20 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, bias=cfg.mlp_bias)
 
-    def __call__(self, x, k_pages, v_pages, meta, rope, backend, mesh):
+    def __call__(self, x, k_pages, v_pages, meta, rope, backend, mesh, matmul):
         with jax.named_scope("attention"):
-            h, k_pages, v_pages = self.attn(self.input_norm(x), k_pages, v_pages, meta, rope, backend, mesh)
-        x = x + h
+            x, k_pages, v_pages = self.attn(x, self.input_norm, k_pages, v_pages, meta, rope, backend, mesh, matmul)
         with jax.named_scope("mlp"):
-            x = x + self.mlp(self.post_attn_norm(x))
+            x = self.mlp(x, self.post_attn_norm, matmul, mesh)
         return x, k_pages, v_pages
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7, 8))
-def _run_layer(graphdef, state, x, k_pages, v_pages, meta, rope, backend, mesh):
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9))
+def _run_layer(graphdef, state, x, k_pages, v_pages, meta, rope, backend, mesh, matmul):
     """One decoder layer as a nested jit: the layers share one graphdef and their inputs' shapes,
     so a step traces and lowers the layer once, not once per layer (XLA still inlines every
     call and fuses as before). This keeps warm-up time from growing with the depth in Python."""
-    return nnx.merge(graphdef, state)(x, k_pages, v_pages, meta, rope, backend, mesh)
+    return nnx.merge(graphdef, state)(x, k_pages, v_pages, meta, rope, backend, mesh, matmul)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -57,6 +56,7 @@ class LlamaForCausalLM(nnx.Module):
         )
         self.inv_freq = nnx.Variable(jnp.asarray(cfg.rope_inv_freq()))  # a constant, not a Param
         self.attention_backend = "reference"
+        self.matmul_backend = "xla"  # the projections' op (models.projection)
         self.mesh = None  # the device mesh being served on: attention then runs per shard (models.sharded_attention)
 
     def __call__(
@@ -68,7 +68,7 @@ class LlamaForCausalLM(nnx.Module):
         for layer, (k_pages, v_pages) in zip(self.layers, kv_cache, strict=True):
             graphdef, state = nnx.split(layer)
             x, k_pages, v_pages = _run_layer(graphdef, state, x, k_pages, v_pages, meta, rope,
-                                             self.attention_backend, self.mesh)
+                                             self.attention_backend, self.mesh, self.matmul_backend)
             new_cache.append((k_pages, v_pages))
         return self.norm(x), new_cache
 

@@ -1,4 +1,5 @@
-"""Pure-jnp definitions every kernel is checked against: RoPE with the KV-cache write, and paged attention.
+"""Pure-jnp definitions every kernel is checked against: RoPE with the KV-cache write, paged
+attention, and the projections with the work around them (`fused_matmul`).
 
 `rope_and_write` takes the fused q/k/v projection of a step, rotates q and k, and
 writes k and v into their cache slots. In `paged_attention` each token gathers its
@@ -13,6 +14,40 @@ from einops import rearrange
 from jaxtyping import Array, Float, Int
 
 TOKEN_BLOCK = 32  # tokens whose context is gathered at once
+
+
+def rms_norm(x: Float[Array, "T E"], weight: Float[Array, " E"], eps: float) -> Float[Array, "T E"]:
+    """Normalise in float32, scale in the compute dtype (as HF does)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def fused_matmul(
+    x: Float[Array, "T ..."],
+    w: Float[Array, "..."],
+    *,
+    norm_weight: Float[Array, " E"] | None = None,
+    eps: float = 1e-6,
+    swiglu: bool = False,
+    bias: Float[Array, "..."] | None = None,
+    residual: Float[Array, "T ..."] | None = None,
+) -> Float[Array, "T ..."]:
+    """residual + (prologue(x) @ w + bias), contracting x's trailing axes (after T, and after the
+    halves' axis with `swiglu`) with w's leading ones: x (T, *in) @ w (*in, *out) -> (T, *out).
+
+    The prologue is RMSNorm with `norm_weight` (x then has one trailing axis), SwiGLU of
+    x's two halves with `swiglu` (silu(x[:, 0]) * x[:, 1]), or none. Each step rounds to
+    x's dtype, as a model written op by op does.
+    """
+    if swiglu:
+        x = jax.nn.silu(x[:, 0]) * x[:, 1]
+    elif norm_weight is not None:
+        x = rms_norm(x, norm_weight, eps)
+    out = jnp.tensordot(x, w, axes=x.ndim - 1)
+    if bias is not None:
+        out = out + bias
+    return out if residual is None else residual + out
 
 
 def rope_tables(positions: Int[Array, " T"], inv_freq: Float[Array, " D2"]) -> tuple[Float[Array, "T D2"], Float[Array, "T D2"]]:
