@@ -14,8 +14,8 @@ RMSNorm is a per-row scale, so it commutes with the product: rmsnorm(x) @ W =
 r * ((x * g) @ W) with r = rsqrt(mean(x^2) + eps), and the sum of squares is taken
 from the same blocks of x the product reads. A program owns `block_n` output
 columns and loops over the whole contraction, so no partial sums cross programs
-(no split-K reduce); `block_n` is small enough that the columns make about two
-programs per SM. Rows are the step's tokens, padded to a power of two >= 16 (the
+(no split-K reduce); `block_n` is small enough that the columns make about one
+program per SM, and no narrower than 32 (64-byte rows of the weight). Rows are the step's tokens, padded to a power of two >= 16 (the
 fewest Triton's tensor-core products take).
 
 The reference is `reference.fused_matmul`.
@@ -34,29 +34,35 @@ from models.kernels import reference
 from models.kernels.pallas_gpu import is_pow2
 
 MAX_ROWS = 64  # steps with more tokens than this run through XLA's GEMMs
-TARGET_PROGRAMS = 192  # output-column blocks to aim for (an H100 has 132 SMs)
+TARGET_PROGRAMS = 128  # output-column blocks to aim for (an H100 has 132 SMs)
 MAX_BLOCK_K = 256
+WEIGHT_TILE = 256 * 64  # weight elements a loop step loads: 32 KB of bf16, four stages in shared memory
 
 
-def block_k_for(k: int) -> int:
-    """The widest contraction block in 16..MAX_BLOCK_K that divides k (0: none does)."""
-    b = MAX_BLOCK_K
+def block_n_for(n: int) -> int:
+    """Columns per program: the widest of 128, 64, 32 that still gives TARGET_PROGRAMS programs (rows of
+    64 bytes and more, whole DRAM bursts), narrowed to a power of two >= 16 that divides n (0: none)."""
+    b = 128
+    while b > 32 and n // b < TARGET_PROGRAMS:
+        b //= 2
+    while b >= 16 and n % b:
+        b //= 2
+    return b if b >= 16 else 0
+
+
+def block_k_for(k: int, block_n: int) -> int:
+    """Contraction per loop step: the widest power of two >= 16 that divides k and keeps the weight
+    block within WEIGHT_TILE (0: none divides k)."""
+    b = min(MAX_BLOCK_K, WEIGHT_TILE // block_n)
     while b >= 16 and k % b:
         b //= 2
     return b if b >= 16 else 0
 
 
-def block_n_for(n: int) -> int:
-    """The widest column block in 16..128 that still gives TARGET_PROGRAMS programs, or 16."""
-    b = 128
-    while b > 16 and n // b < TARGET_PROGRAMS:
-        b //= 2
-    return b
-
-
 def supports(rows: int, k: int, n: int) -> bool:
     """Rows a power of two in 16..MAX_ROWS; the contraction and the columns in blocks of >= 16."""
-    return 16 <= rows <= MAX_ROWS and is_pow2(rows) and block_k_for(k) > 0 and n % block_n_for(n) == 0
+    block_n = block_n_for(n)
+    return 16 <= rows <= MAX_ROWS and is_pow2(rows) and block_n > 0 and block_k_for(k, block_n) > 0
 
 
 def _kernel(*refs, norm: bool, swiglu: bool, bias: bool, residual: bool, block_n: int, block_k: int, eps: float):
@@ -115,10 +121,13 @@ def fused_matmul(
     """
     k, n = w.shape
     rows = x.shape[0]
-    block_k, block_n = block_k or block_k_for(k), block_n or block_n_for(n)
-    if not (supports(rows, k, n) and k % block_k == 0 and n % block_n == 0):
+    if not supports(rows, k, n):
         return reference.fused_matmul(x, w, norm_weight=norm_weight, eps=eps, swiglu=swiglu, bias=bias,
                                       residual=residual)
+    block_n = block_n or block_n_for(n)
+    block_k = block_k or block_k_for(k, block_n)
+    if k % block_k or n % block_n:
+        raise ValueError(f"blocks ({block_k}, {block_n}) do not tile a ({k}, {n}) weight")
     norm = norm_weight is not None
     kernel = functools.partial(_kernel, norm=norm, swiglu=swiglu, bias=bias is not None,
                                residual=residual is not None, block_n=block_n, block_k=block_k, eps=eps)

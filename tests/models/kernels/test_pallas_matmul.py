@@ -75,9 +75,11 @@ def test_unsupported_shapes_take_the_reference(rows, k, n):
 
 
 def test_block_sizes():
-    assert [pallas_matmul.block_k_for(k) for k in (4096, 14336, 576, 96, 24)] == [256, 256, 64, 32, 0]
-    # 8B: qkv 6144 and o/down 4096 columns in blocks of 32, gate_up 28672 in blocks of 128
-    assert [pallas_matmul.block_n_for(n) for n in (6144, 4096, 28672)] == [32, 16, 128]
+    # 8B: qkv 6144 and o/down 4096 columns in blocks of 32 (192 and 128 programs), gate_up 28672 in
+    # blocks of 128 (224); SmolLM2's o (576) in blocks of 32, widths of 16 x odd in blocks of 16
+    assert [pallas_matmul.block_n_for(n) for n in (6144, 4096, 28672, 576, 48, 40)] == [32, 32, 128, 32, 16, 0]
+    assert [pallas_matmul.block_k_for(k, 32) for k in (4096, 14336, 576, 96, 24)] == [256, 256, 64, 32, 0]
+    assert pallas_matmul.block_k_for(4096, 128) == 128  # a 128 x 128 weight block: 32 KB a stage
 
 
 PROJECTIONS = {  # name: (x axes, weight axes, x shape, weight shape, options)
@@ -147,3 +149,13 @@ def test_model_logits_match_the_xla_projections(monkeypatch):
     got = forward_dense(model, tokens)
     assert len(calls) == 4  # qkv, o, gate_up, down, traced once: the layers share one jit
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_engine_takes_the_backend_only_where_it_runs():
+    from engine.config import EngineConfig, EngineConfigError
+    from engine.engine import LLMEngine
+
+    with pytest.raises(EngineConfigError, match="matmul_backend"):
+        EngineConfig(model="tiny", matmul_backend="cublas")
+    with pytest.raises(EngineConfigError, match="needs a GPU"):  # before any weight is loaded
+        LLMEngine(EngineConfig(model="tiny", matmul_backend="pallas"))
