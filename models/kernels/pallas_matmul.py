@@ -76,9 +76,10 @@ def _kernel(*refs, norm: bool, swiglu: bool, bias: bool, residual: bool, block_n
     def body(j, carry):
         acc, sumsq = carry
         ks = pl.ds(pl.multiple_of(j * block_k, block_k), block_k)
-        if swiglu:
-            g = x_ref[:, 0, ks].astype(jnp.float32)
-            a = (g * jax.nn.sigmoid(g) * x_ref[:, 1, ks].astype(jnp.float32)).astype(w_ref.dtype)
+        if swiglu:  # x holds the gate then the up half of each row: (rows, 2 * k_total)
+            g = x_ref[:, ks].astype(jnp.float32)
+            u = x_ref[:, pl.ds(pl.multiple_of(k_total + j * block_k, block_k), block_k)].astype(jnp.float32)
+            a = (g / (1.0 + jnp.exp(-g)) * u).astype(w_ref.dtype)
         else:
             a = x_ref[:, ks]
             if norm:
@@ -131,7 +132,7 @@ def fused_matmul(
     norm = norm_weight is not None
     kernel = functools.partial(_kernel, norm=norm, swiglu=swiglu, bias=bias is not None,
                                residual=residual is not None, block_n=block_n, block_k=block_k, eps=eps)
-    args = [x, w] + [a for a in (norm_weight, bias, residual) if a is not None]
+    args = [x.reshape(rows, 2 * k) if swiglu else x, w] + [a for a in (norm_weight, bias, residual) if a is not None]
     kind = "swiglu_" if swiglu else "norm_" if norm else ""
     return pl.pallas_call(
         kernel,
