@@ -19,15 +19,18 @@ log_softmax(logits), before bias, penalties, temperature and filters: the chosen
 token's logprob and the top-20 alternatives are both read from it.
 
 Cost on a (B, V) batch, XLA fusing the elementwise work into the passes:
-  * every row, every step: a logsumexp, an argmax and the exact top-20
-    (`top_k_exact`) over the raw logits, the bias/suppress scatters (B x 64 and
-    B x 16 entries), B x V threefry Gumbel draws, the min-p compare, and the 256
-    best of each row (`top_k_exact`) with a logsumexp, for top-k/top-p;
+  * every row, every step: a logsumexp, an argmax and one exact ranking of the
+    raw logits (`top_k_exact`, the 256 + 64 + 16 best), the bias/suppress scatters
+    (B x 64 and B x 16 entries), B x V threefry Gumbel draws and the min-p compare.
+    The ranking gives the reported top-20 and, with the biased ids, the 256 best
+    after bias and suppress (`best_processed`), among which top-k/top-p cut; one
+    ranking, not two, since each is a few sorts whose launches dominate at small B;
   * only in the full sampler (`full_rank`), and only if some row's cut falls beyond
     those 256 (top_k > 256, or a nucleus wider than 256 tokens): one sort of every
     row, B x V log V, under a `lax.cond`;
   * only if history is passed (a separately traced variant): two (B, V) scatters
-    of the B x H history ids (seen mask, output counts) and an elementwise pass.
+    of the B x H history ids (seen mask, output counts) and an elementwise pass;
+    penalties move any logit, so the processed logits get a ranking of their own.
 
 NOTE: the step's sampler has no branch. On a GPU, XLA runs a `lax.cond` by copying
 its predicate to the host and blocking there until the device reaches it, so the
@@ -232,10 +235,11 @@ class Vocab:
         s = jnp.sum(jnp.exp(x - m[:, None]), axis=-1)
         return jnp.log(s if self.axis is None else jax.lax.psum(s, self.axis)) + m
 
-    def take(self, x: Float[Array, "B V"], ids: Int[Array, " B"]) -> Float[Array, " B"]:
-        """x at each row's global id."""
-        col = self.local(ids[:, None])  # (B, 1)
-        v = jnp.where(col < self.size, jnp.take_along_axis(x, jnp.minimum(col, self.size - 1), axis=-1), 0.0)[:, 0]
+    def take(self, x: Float[Array, "B V"], ids: Int[Array, "B *N"]) -> Float[Array, "B *N"]:
+        """x at each row's global id (or ids); ids outside the vocabulary read 0."""
+        col = self.local(ids.reshape(ids.shape[0], -1))  # (B, N)
+        v = jnp.where(col < self.size, jnp.take_along_axis(x, jnp.minimum(col, self.size - 1), axis=-1), 0.0)
+        v = v.reshape(ids.shape)
         return v if self.axis is None else jax.lax.psum(v, self.axis)
 
     def argmax(self, x: Float[Array, "B V"]) -> Int[Array, " B"]:
@@ -318,17 +322,22 @@ def top_k_exact(
 
 
 def _top_k_top_p_threshold(
-    z: Float[Array, "B V"], top_k: Int[Array, " B"], top_p: Float[Array, " B"], c: int, vocab: Vocab | None = None
+    z: Float[Array, "B V"], top_k: Int[Array, " B"], top_p: Float[Array, " B"], c: int, vocab: Vocab | None = None,
+    best: Float[Array, "B C"] | None = None,
 ) -> tuple[Float[Array, " B"], Bool[Array, " B"]]:
     """The smallest logit each row keeps under top-k then top-p, ranking only its c best.
 
+    `best` are those c best values of z, descending, when the caller has them (`best_processed`).
     Returns the threshold and whether the c best decided it (always, when c = V):
     a row is decided if top-k cuts inside them (top-p then renormalises over the
     top-k set, all inside them) or, with top-k off, if they hold top_p of the mass.
     """
     vocab = vocab or Vocab.of(z.shape[-1])
     v = vocab.total
-    s = -jnp.sort(-vocab.gather(z), axis=-1) if c >= v else vocab.top_k(z, c)[0]  # (B, C) descending
+    if best is not None:
+        s = best
+    else:
+        s = -jnp.sort(-vocab.gather(z), axis=-1) if c >= v else vocab.top_k(z, c)[0]  # (B, C) descending
     k = jnp.where((top_k > 0) & (top_k < v), top_k, v)  # (B,) tokens top-k keeps
     s_k = jnp.where(jnp.arange(c)[None, :] < k[:, None], s, -jnp.inf)
     log_norm = jax.nn.logsumexp(s_k, axis=-1)  # (B,) mass of the top-k set
@@ -344,6 +353,30 @@ def _top_k_top_p_threshold(
     return jnp.where(n > c, -jnp.inf, kth), decided
 
 
+def best_processed(
+    z: Float[Array, "B V"], ranked_ids: Int[Array, "B R"], bias_ids: Int[Array, "B NB"], c: int,
+    vocab: Vocab | None = None,
+) -> Float[Array, "B C"]:
+    """The c best values of z, descending, where z is the raw logits after bias and suppress_ids (then
+    divided by a positive temperature, which keeps the order), given `ranked_ids`, the R = c + NB + NS
+    best ids of the raw logits in order (or all of them).
+
+    The c best of z lie among those R and the biased ids: an id outside both has z <= raw, and at
+    most NB + NS of the R ranked ids were lowered (bias < 0, or suppressed), so at least c of them
+    have z >= raw >= its raw >= its z. A biased id that is also ranked, repeated or padding counts once
+    or not at all.
+    """
+    vocab = vocab or Vocab.of(z.shape[-1])
+    nb = bias_ids.shape[1]
+    ranked = jnp.any(bias_ids[:, :, None] == ranked_ids[:, None, :], axis=-1)  # (B, NB)
+    before = jnp.arange(nb)[None, :] < jnp.arange(nb)[:, None]  # (NB, NB): j comes before i
+    repeated = jnp.any((bias_ids[:, :, None] == bias_ids[:, None, :]) & before[None], axis=-1)
+    outside = (bias_ids < 0) | (bias_ids >= vocab.total)
+    drop = jnp.concatenate([jnp.zeros(ranked_ids.shape, bool), ranked | repeated | outside], axis=1)
+    values = vocab.take(z, jnp.concatenate([ranked_ids, bias_ids], axis=1))  # (B, R + NB)
+    return jax.lax.top_k(jnp.where(drop, -jnp.inf, values), c)[0]
+
+
 def filter_mask(
     z: Float[Array, "B V"],
     top_k: Int[Array, " B"],
@@ -353,6 +386,7 @@ def filter_mask(
     candidates: int = TOP_CANDIDATES,
     vocab: Vocab | None = None,
     full_rank: bool = True,
+    best: Float[Array, "B C"] | None = None,
 ) -> Bool[Array, "B V"]:
     """Tokens that survive top-k, top-p and min-p on temperature-scaled logits `z`.
 
@@ -364,11 +398,12 @@ def filter_mask(
     min-p (p >= min_p * p_max) is the same test before or after top-k/top-p
     renormalise, since the best token is always kept: z >= max(z) + log(min_p).
     Tokens tied with the last kept one are all kept; tokens at -inf never are.
+    `best`, when given, are the `candidates` best values of z, descending (see `best_processed`).
     """
     vocab = vocab or Vocab.of(z.shape[-1])
     v, c = vocab.total, min(candidates, vocab.total)
     keep = (z > -jnp.inf) & (z >= vocab.max(z)[:, None] + jnp.log(min_p)[:, None])
-    threshold, decided = _top_k_top_p_threshold(z, top_k, top_p, c, vocab)  # (B,)
+    threshold, decided = _top_k_top_p_threshold(z, top_k, top_p, c, vocab, best)  # (B,)
     if full_rank and c < v:  # undecided rows alone take the sorted answer, so no row depends on its neighbours
         threshold = jax.lax.cond(
             jnp.all(decided),
@@ -404,12 +439,17 @@ def _gumbel(seed: UInt32[Array, " B"], step: Int[Array, " B"], vocab: Vocab) -> 
     return jax.vmap(row)(seed, step)
 
 
-def _sample_tokens(z: Float[Array, "B V"], t: SamplingTensors, vocab: Vocab, full_rank: bool) -> Int[Array, " B"]:
+def _sample_tokens(
+    z: Float[Array, "B V"], t: SamplingTensors, vocab: Vocab, full_rank: bool, ranked_ids: Int[Array, "B R"] | None,
+) -> Int[Array, " B"]:
     """Steps 3-5; greedy rows get no noise, and their cut always keeps their best token, so
-    their token is the argmax of `z`."""
+    their token is the argmax of `z`. With `ranked_ids` (see `best_processed`) the top-k/top-p
+    candidates come from that ranking of the raw logits rather than from one of their own."""
     greedy = (t.temperature < GREEDY_BELOW) | (t.top_k == 1)  # (B,)
     zt = z / jnp.where(greedy, 1.0, t.temperature)[:, None]  # (B, V)
-    keep = filter_mask(zt, t.top_k, t.top_p, t.min_p, vocab=vocab, full_rank=full_rank)
+    c = min(TOP_CANDIDATES, vocab.total)
+    best = None if ranked_ids is None else best_processed(zt, ranked_ids, t.bias_ids, c, vocab)
+    keep = filter_mask(zt, t.top_k, t.top_p, t.min_p, vocab=vocab, full_rank=full_rank, best=best)
     noise = jnp.where(greedy[:, None], 0.0, _gumbel(t.seed, t.step, vocab))
     return vocab.argmax(jnp.where(keep, zt + noise, -jnp.inf))
 
@@ -436,7 +476,16 @@ def sample(
     vocab = Vocab.of(raw.shape[-1], vocab_axis)
     lse = vocab.logsumexp(raw)  # (B,)
     z = process_logits(raw, t, history, num_prompt, vocab)
-    token_ids = _sample_tokens(z, t, vocab, full_rank).astype(jnp.int32)  # (B,)
+    n_top, ranked = min(num_top_logprobs, vocab.total), min(TOP_CANDIDATES + MAX_LOGIT_BIAS + MAX_SUPPRESS, vocab.total)
+    if history is None and TOP_CANDIDATES < vocab.total:
+        # One ranking of the raw logits gives the reported top logprobs and the top-k/top-p
+        # candidates (`best_processed`); penalties move too many logits for that.
+        top_values, top_ids = vocab.top_k(raw, max(n_top, ranked))  # (B, R)
+        token_ids = _sample_tokens(z, t, vocab, full_rank, top_ids)
+        top_values, top_ids = top_values[:, :n_top], top_ids[:, :n_top]
+    else:
+        token_ids = _sample_tokens(z, t, vocab, full_rank, None)
+        top_values, top_ids = vocab.top_k(raw, n_top)  # (B, K)
+    token_ids = token_ids.astype(jnp.int32)  # (B,)
     logprobs = vocab.take(raw, token_ids) - lse
-    top_values, top_ids = vocab.top_k(raw, min(num_top_logprobs, vocab.total))  # (B, K)
     return SampleOutput(token_ids, logprobs, top_ids.astype(jnp.int32), top_values - lse[:, None])

@@ -3,7 +3,8 @@ greedy equivalences, seeded reproducibility across batches, and the sampled
 distribution (chi-square) at temperature 1 and under temperature + top-k + top-p.
 
 Few distinct shapes, so few compilations: (8, 300) and (3, 300) without history,
-(4, 64) with history, (N_DRAWS, 8) for the distribution tests.
+(4, 64) with history, (N_DRAWS, 8) for the distribution tests, and (4, 2000), a vocabulary
+wider than the ranked candidates, with and without history.
 """
 
 import collections
@@ -22,6 +23,7 @@ from engine.sampling import (
     RowParams,
     SamplingTensors,
     _top_k_top_p_threshold,
+    best_processed,
     filter_mask,
     needs_full_rank,
     process_logits,
@@ -219,6 +221,64 @@ def test_penalties_bias_and_suppress_match_reference():
     greedy_rows = [RowParams(r.params.replace(temperature=0.0), 0, 0, r.suppress_ids) for r in rows]
     out = sample_jit(logits, SamplingTensors.build(greedy_rows, 4), history, num_prompt)
     np.testing.assert_array_equal(np.asarray(out.token_ids), ref.argmax(-1))
+
+
+V_WIDE = 2000  # > TOP_CANDIDATES + MAX_LOGIT_BIAS + MAX_SUPPRESS: the raw ranking leaves ids out
+assert TOP_CANDIDATES + MAX_LOGIT_BIAS + MAX_SUPPRESS < V_WIDE
+
+
+def adversarial_rows(logits: np.ndarray) -> list[RowParams]:
+    """Rows whose bias and suppress_ids reorder the top of the raw ranking as much as they can:
+    the 16 best suppressed and the next 64 lowered, so the 256th best after them is the raw 336th;
+    ids from the bottom raised into the top; repeated, padded and out-of-vocabulary ids."""
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    rows = []
+    for b in range(logits.shape[0]):
+        top = order[b].tolist()
+        if b == 0:
+            bias = {top[16 + i]: -50.0 for i in range(MAX_LOGIT_BIAS)}
+            rows.append(row(seed=b, temperature=0.8, top_k=TOP_CANDIDATES, logit_bias=bias, suppress=tuple(top[:16])))
+        elif b == 1:
+            bias = {top[-1 - i]: 30.0 + i for i in range(40)} | {top[i]: -3.0 for i in range(24)}
+            rows.append(row(seed=b, temperature=1.2, top_k=50, top_p=0.9, logit_bias=bias, suppress=tuple(top[24:40])))
+        elif b == 2:
+            rows.append(row(seed=b, temperature=1.0, top_p=0.5, logit_bias={top[300]: 0.0, top[-5]: 1e-3}))
+        else:
+            rows.append(row(seed=b, temperature=0.7, top_k=200, min_p=0.01))
+    return rows
+
+
+def test_candidates_from_the_raw_ranking_are_the_best_after_bias():
+    logits = np.round(random_logits(4, V_WIDE, seed=11), 1)  # many ties
+    logits[3] -= 10  # below 0: a dropped id read as 0 would make the cut
+    rows = adversarial_rows(logits)
+    t = SamplingTensors.build(rows, 4)
+    bias_ids, bias_values = np.asarray(t.bias_ids).copy(), np.asarray(t.bias_values).copy()
+    # a repeated id raised into the top (both entries add up), padding, an id outside the vocabulary
+    bias_ids[3, :4], bias_values[3, :4] = [7, 7, -1, V_WIDE + 5], [20.0, 20.0, 0.0, 1.0]
+    t = t.replace(bias_ids=jnp.asarray(bias_ids), bias_values=jnp.asarray(bias_values))
+    z = jax.jit(process_logits)(jnp.asarray(logits), t)
+    _, ranked = top_k_exact(jnp.asarray(logits), TOP_CANDIDATES + MAX_LOGIT_BIAS + MAX_SUPPRESS)
+    got = jax.jit(best_processed, static_argnums=3)(z, ranked, t.bias_ids, TOP_CANDIDATES)
+    want = -np.sort(-np.asarray(z), axis=-1)[:, :TOP_CANDIDATES]
+    np.testing.assert_array_equal(np.asarray(got), want)
+    assert want[0, -1] == -np.sort(-logits[0])[TOP_CANDIDATES + 80 - 1]  # row 0's cut is the raw 336th
+
+
+def test_one_raw_ranking_samples_as_ranking_after_bias():
+    """Without history the sampler ranks the raw logits once (top logprobs and candidates); with a
+    neutral history it ranks the processed logits apart. Both must draw the same tokens."""
+    logits = random_logits(4, V_WIDE, seed=12)
+    t = SamplingTensors.build(adversarial_rows(logits), 4)
+    history, num_prompt = np.full((4, 1), -1, np.int32), np.zeros(4, np.int32)
+    for step in range(3):
+        t = t.replace(step=jnp.full(4, step, jnp.int32))
+        one = sample_jit(logits, t)
+        apart = sample_jit(logits, t, history, num_prompt)
+        for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(apart)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    top = np.argsort(-logits, axis=-1, kind="stable")[:, :20]
+    np.testing.assert_array_equal(np.asarray(one.top_ids), top)
 
 
 def test_logprobs_are_raw_log_softmax():
