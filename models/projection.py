@@ -23,6 +23,7 @@ from models.kernels import pallas_matmul, reference
 from sharding.rules import logical_to_spec
 
 BACKENDS = ("xla", "pallas")
+_OPERANDS = ("norm_weight", "bias", "residual")  # the optional arrays beside x and w
 
 
 def _pallas(x, w, *, norm_weight, eps, swiglu, bias, residual, interpret=False):
@@ -79,15 +80,15 @@ def project(
         raise ValueError(f"RMSNorm needs whole rows; the contraction axes {in_axes} are split over {summed}")
     x_axes = ("batch", None, *in_axes) if swiglu else ("batch", *in_axes)
     out_spec = logical_to_spec(("batch", *out_axes), (x.shape[0], *w.shape[c:]), mesh)
-    args = {name: a for name, a in kw.items() if name in ("norm_weight", "bias", "residual") and a is not None}
+    args = {name: kw[name] for name in _OPERANDS if kw[name] is not None}
     arg_axes = {"norm_weight": in_axes, "bias": out_axes, "residual": ("batch", *out_axes)}
     arg_specs = {name: logical_to_spec(arg_axes[name], a.shape, mesh) for name, a in args.items()}
 
     def local(x, w, args):
+        fused = {} if summed else args  # a split contraction is summed before the bias and the residual
+        out = _pallas(x, w, eps=eps, swiglu=swiglu, interpret=interpret, **(dict.fromkeys(_OPERANDS) | fused))
         if not summed:
-            return _pallas(x, w, eps=eps, swiglu=swiglu, interpret=interpret,
-                           **{"norm_weight": None, "bias": None, "residual": None, **args})
-        out = _pallas(x, w, norm_weight=None, eps=eps, swiglu=swiglu, bias=None, residual=None, interpret=interpret)
+            return out
         out = jax.lax.psum(out, summed)
         out = out if "bias" not in args else out + args["bias"]
         return out if "residual" not in args else args["residual"] + out
