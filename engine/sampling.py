@@ -361,10 +361,10 @@ def best_processed(
     divided by a positive temperature, which keeps the order), given `ranked_ids`, the R = c + NB + NS
     best ids of the raw logits in order (or all of them).
 
-    The c best of z lie among those R and the biased ids: an id outside both has z <= raw, and at
-    most NB + NS of the R ranked ids were lowered (bias < 0, or suppressed), so at least c of them
-    have z >= raw >= its raw >= its z. A biased id that is also ranked, repeated or padding counts once
-    or not at all.
+    The c best of z lie among those R and the biased ids. Take an id i outside both: its z <= its
+    raw logit. At most NB + NS of the R ranked ids were lowered (bias < 0, or suppressed), so at
+    least c of them were not, and each such j has z_j >= raw_j >= raw_i >= z_i. A biased id that is
+    also ranked, repeated, or padding counts once or not at all.
     """
     vocab = vocab or Vocab.of(z.shape[-1])
     nb = bias_ids.shape[1]
