@@ -35,7 +35,9 @@ class EngineConfig:
     num_processes: int = 1  # multi-host: processes in the run (each runs `pagedjax serve` with its own process_id)
     process_id: int = 0  # multi-host: this process; 0 runs the server and the scheduler
     attention_backend: str | None = None  # None: the best one for the platform
-    matmul_backend: str = "xla"  # the layers' projections: "xla", or "pallas" (fused kernels for small steps, GPU)
+    # the layers' projections: "xla", or "pallas" (fused kernels for small steps, GPU; an experiment,
+    # slower than XLA on an H100: benchmarks/NOTES-matmul.md)
+    matmul_backend: str = "xla"
     decode_steps: int | None = None  # decode steps fused into one call when nothing waits; None: 8 on accelerators, 1 on CPU
 
     def __post_init__(self):

@@ -36,7 +36,9 @@ from models.kernels.pallas_gpu import is_pow2
 MAX_ROWS = 64  # steps with more tokens than this run through XLA's GEMMs
 TARGET_PROGRAMS = 128  # output-column blocks to aim for (an H100 has 132 SMs)
 MAX_BLOCK_K = 256
-WEIGHT_TILE = 256 * 64  # weight elements a loop step loads: 32 KB of bf16, four stages in shared memory
+WEIGHT_TILE = 256 * 64  # weight elements a loop step loads: at most 32 KB of bf16
+NUM_STAGES = 4  # loop steps whose loads are in flight at once (Triton's software pipelining)
+SMEM_BUDGET = 160 * 1024  # shared memory the stages may take (an H100 SM has 227 KB; Triton needs some more)
 
 
 def block_n_for(n: int) -> int:
@@ -50,13 +52,26 @@ def block_n_for(n: int) -> int:
     return b if b >= 16 else 0
 
 
-def block_k_for(k: int, block_n: int) -> int:
+def stage_bytes(rows: int, block_k: int, block_n: int, swiglu: bool, itemsize: int = 2) -> int:
+    """Shared memory one pipeline stage holds: a block of x (both halves with SwiGLU) and one of the weight."""
+    return itemsize * block_k * (rows * (2 if swiglu else 1) + block_n)
+
+
+def block_k_for(k: int, block_n: int, rows: int = 16, swiglu: bool = False) -> int:
     """Contraction per loop step: the widest power of two >= 16 that divides k and keeps the weight
-    block within WEIGHT_TILE (0: none divides k)."""
+    block within WEIGHT_TILE and, down to 64, NUM_STAGES stages within SMEM_BUDGET (0: none divides k)."""
     b = min(MAX_BLOCK_K, WEIGHT_TILE // block_n)
-    while b >= 16 and k % b:
+    while b >= 16 and (k % b or (b > 64 and NUM_STAGES * stage_bytes(rows, b, block_n, swiglu) > SMEM_BUDGET)):
         b //= 2
     return b if b >= 16 else 0
+
+
+def num_stages_for(rows: int, block_k: int, block_n: int, swiglu: bool) -> int:
+    """NUM_STAGES, or fewer where that many stages would overflow SMEM_BUDGET."""
+    s = NUM_STAGES
+    while s > 1 and s * stage_bytes(rows, block_k, block_n, swiglu) > SMEM_BUDGET:
+        s -= 1
+    return s
 
 
 def supports(rows: int, k: int, n: int) -> bool:
@@ -112,7 +127,7 @@ def fused_matmul(
     block_k: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 4,
+    num_stages: int | None = None,
     interpret: bool = False,
 ) -> Float[Array, "M N"]:
     """residual + (prologue(x) @ w + bias), as `reference.fused_matmul` on 2-d weights (accumulated
@@ -126,7 +141,8 @@ def fused_matmul(
         return reference.fused_matmul(x, w, norm_weight=norm_weight, eps=eps, swiglu=swiglu, bias=bias,
                                       residual=residual)
     block_n = block_n or block_n_for(n)
-    block_k = block_k or block_k_for(k, block_n)
+    block_k = block_k or block_k_for(k, block_n, rows, swiglu)
+    num_stages = num_stages or num_stages_for(rows, block_k, block_n, swiglu)
     if k % block_k or n % block_n:
         raise ValueError(f"blocks ({block_k}, {block_n}) do not tile a ({k}, {n}) weight")
     norm = norm_weight is not None

@@ -80,6 +80,19 @@ def test_block_sizes():
     assert [pallas_matmul.block_n_for(n) for n in (6144, 4096, 28672, 576, 48, 40)] == [32, 32, 128, 32, 16, 0]
     assert [pallas_matmul.block_k_for(k, 32) for k in (4096, 14336, 576, 96, 24)] == [256, 256, 64, 32, 0]
     assert pallas_matmul.block_k_for(4096, 128) == 128  # a 128 x 128 weight block: 32 KB a stage
+    # 64 rows: four stages stay within the shared-memory budget by narrowing the contraction
+    # (qkv/o 256 -> 128, gate_up 128 -> 64, down with both SwiGLU halves 256 -> 128)
+    assert [pallas_matmul.block_k_for(k, bn, 64, sw) for k, bn, sw in
+            ((4096, 32, False), (4096, 128, False), (14336, 32, True))] == [128, 64, 128]
+    budget = pallas_matmul.SMEM_BUDGET
+    for rows in (16, 32, 64):
+        for k, n, sw in ((4096, 6144, False), (4096, 4096, False), (4096, 28672, False), (14336, 4096, True)):
+            bn = pallas_matmul.block_n_for(n)
+            bk = pallas_matmul.block_k_for(k, bn, rows, sw)
+            stages = pallas_matmul.num_stages_for(rows, bk, bn, sw)
+            assert stages == pallas_matmul.NUM_STAGES
+            assert stages * pallas_matmul.stage_bytes(rows, bk, bn, sw) <= budget
+    assert pallas_matmul.num_stages_for(64, 512, 128, True) == 1  # one 256 KB stage: as few as there can be
 
 
 PROJECTIONS = {  # name: (x axes, weight axes, x shape, weight shape, options)
