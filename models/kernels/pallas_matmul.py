@@ -18,7 +18,10 @@ columns and loops over the whole contraction, so no partial sums cross programs
 program per SM, and no narrower than 32 (64-byte rows of the weight). Rows are the step's tokens, padded to a power of two >= 16 (the
 fewest Triton's tensor-core products take).
 
-The reference is `reference.fused_matmul`.
+The reference is `reference.fused_matmul`. Measured on an H100 it is slower than XLA's
+GEMMs (most of all where the prologue rewrites the dot's operand: SwiGLU, the norm's
+gain), so the engine uses it only when asked (`--matmul-backend pallas`); the figures and
+what might close the gap are in benchmarks/NOTES-matmul.md.
 """
 
 import functools
