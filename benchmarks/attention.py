@@ -281,10 +281,14 @@ def run_timings(rng, sweep):
         ("prefill 4 prompts x 1024 p16", [(0, 1024)] * 4, 0),
         ("prefill chunk 512 after 3584 cached x2 p16", [(3584, 512)] * 2, 0),
         ("mixed 64 decode (ctx ~1536) + chunk 448 p16", decode_rows(rng, 64, 1536, 256) + [(1024, 448)], 0),
+        # the offline 8B run's usual step with prompts: 190 decodes beside two fresh prompts (2048 tokens)
+        ("mixed 190 decode (ctx ~1536) + prompts 1024, 834 p16", decode_rows(rng, 190, 1536, 512) + [(0, 1024), (0, 834)], 0),
     ]
+    # the prefill tiles without their short tile for few-token query blocks (as before it existed)
+    long_only = ("pallas no short tile", dataclasses.replace(pallas_gpu.PREFILL, short_rows=None))
     for name, rows_, pad in prefill_cases:
         meta, n_pages = make_step(rng, rows_, page_size=16, pad_tokens=pad)
-        configs = [("pallas default", None)] + (sweep_configs("prefill") if sweep else [])
+        configs = [("pallas default", None), long_only] + (sweep_configs("prefill") if sweep else [])
         cases.append(bench_case(name, meta, n_pages, page_size=16, configs=configs, **main))
     return cases
 

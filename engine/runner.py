@@ -6,7 +6,9 @@ any plan. The step's integer metadata and its rows' sampling parameters travel a
 one packed host array (one transfer: each small device_put costs the host ~0.2 ms);
 sampling runs inside the step, without branches (engine.sampling's NOTE); a separate
 sampler reruns it on the returned logits only when a row uses penalties or may need its
-whole row ranked (`needs_full_rank`). The KV cache is donated to every call, so it
+whole row ranked (`needs_full_rank`). Fused decode calls come with each of the sampler's
+variants (engine.sampling.SAMPLERS), the cheapest that the call's rows allow picked on
+the host. The KV cache is donated to every call, so it
 is updated in place and the runner holds the only reference to it.
 
 Packed int32 layout of one step (offsets are static per bucket), one row per data shard:
@@ -54,7 +56,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from engine.sampling import PACKED_WIDTH, RowParams, SamplingTensors, needs_full_rank, sample
+from engine.sampling import PACKED_WIDTH, SAMPLERS, RowParams, SamplingTensors, needs_full_rank, sample, sampler_for
 from engine.scheduler import StepPlan
 from engine.sequence import PENDING, Sequence
 from models.attention import AttentionMetadata
@@ -159,15 +161,15 @@ class ModelRunner:
         self._samplers: dict[int, object] = {}  # compiled full samplers (penalties, full ranking), by rows
         # Fused decode (several steps a call) pays when the host is slower than a step; not across processes.
         self.decode_steps = 1 if self._multihost else decode_steps
-        # compiled fused decode steps, for buckets a decode plan uses, by (bucket, full_rank)
-        self._fused: dict[tuple[Bucket, bool], object] = {}
+        # compiled fused decode steps, for buckets a decode plan uses, by (bucket, sampler variant)
+        self._fused: dict[tuple[Bucket, str], object] = {}
         self.warmup_report: dict = {}  # what warm-up compiled and where its time went
         self._max_rows = max(bk.rows for bk in self.buckets())  # R of `last`
         # the `last` of the call queued most recently (launcher thread), and its rows by sequence (host)
         self._last = self._put(np.zeros((self.dp, self._max_rows), np.int32))
         self._last_rows: dict[str, int] = {}
         # NOTE: compiled calls are queued from one launcher thread, in order. On the GPU a call
-        # with a branch (the full sampler, a full_rank fused call) returns only once the device
+        # with a branch (the full sampler, a fused call with the "full" sampler) returns only once the device
         # reaches it (XLA reads the predicate back to the host): queued from the engine's thread,
         # it would block the host work meant to overlap the device. Inline with several
         # processes: every process must queue the same collectives in the same order.
@@ -223,16 +225,16 @@ class ModelRunner:
         sampled = self._sample_rows(logits, tensors)
         return sampled, self._last_of(sampled.token_ids), logits, kv_cache
 
-    def _fused_fn(self, param_leaves, kv_cache, packed, prev, bucket: Bucket, steps: int, full_rank: bool):
+    def _fused_fn(self, param_leaves, kv_cache, packed, prev, bucket: Bucket, steps: int, sampler: str):
         """`steps` decode steps in one call: each row's sampled token is the next step's input.
 
         Only for plans of decodes (token i of shard d is row i), with pages already held
         for every position the steps reach. A row past its own step count computes on (its
         outputs are dropped) without advancing, writing to the trash page. Returns (steps,
         dp * B) token ids and logprobs, (steps, dp * B, K) top logprobs, `last` (each row's
-        token of its last step), and the cache. With `full_rank`, the sampler ranks whole
-        rows where it must (engine.sampling.needs_full_rank), at the price of a branch in
-        every step.
+        token of its last step), and the cache. `sampler` is the variant of engine.sampling.SAMPLERS
+        every row allows (`sampler_for`): "full" ranks whole rows where it must, at the price of
+        a branch in every step; "plain" returns no top logprobs.
         """
         tokens, meta, rows, tensors, row_steps = self._unpack(packed, prev, bucket, fused=True)
         model = nnx.merge(self.graphdef, jax.tree.unflatten(self._param_tree, param_leaves))
@@ -259,24 +261,26 @@ class ModelRunner:
             )
             hidden, kv_cache = model(tokens, kv_cache, step_meta)
             sampled = self._sample_rows(self._logits(model, hidden, rows, bucket), tensors.replace(step=tensors.step + k),
-                                        full_rank=full_rank)
+                                        sampler=sampler)
             out = jax.tree.map(lambda acc, x: acc.at[k].set(x), out, sampled)
             return kv_cache, jnp.where(real, of_token(sampled.token_ids), 0), out
 
         logits_shape = jax.ShapeDtypeStruct((tensors.step.shape[0], model.config.vocab_size), jnp.float32)
         out = jax.tree.map(  # rows stay with their data shard until the call returns
             lambda x: jax.lax.with_sharding_constraint(jnp.zeros((steps,) + x.shape, x.dtype), self._steps_rows),
-            jax.eval_shape(sample, logits_shape, tensors))
+            jax.eval_shape(functools.partial(sample, rank=sampler != "plain"), logits_shape, tensors))
         kv_cache, _, out = jax.lax.fori_loop(0, steps, one, (kv_cache, tokens, out))
         final = jnp.clip(row_steps - 1, 0, steps - 1)[None]  # (1, dp * B): each row's last step
         return out, self._last_of(jnp.take_along_axis(out.token_ids, final, axis=0)[0]), kv_cache
 
-    def _sample_rows(self, logits, tensors, *extras, full_rank: bool = False):
-        """`sample`, each data shard on its own rows and, under tensor parallelism, each model shard
-        on its own slice of the vocabulary (merged through (rows, k) collectives). Left to XLA, the
-        row-wise sampler would pay a collective for each of its reductions, or gather the logits."""
+    def _sample_rows(self, logits, tensors, *extras, sampler: str = "ranked"):
+        """`sample` as the variant `sampler` (engine.sampling.SAMPLERS), each data shard on its own
+        rows and, under tensor parallelism, each model shard on its own slice of the vocabulary
+        (merged through (rows, k) collectives). Left to XLA, the row-wise sampler would pay a
+        collective for each of its reductions, or gather the logits."""
         axis = self._logit_spec[1]
-        return jax.shard_map(functools.partial(sample, vocab_axis=axis, full_rank=full_rank), mesh=self.mesh,
+        variant = functools.partial(sample, vocab_axis=axis, full_rank=sampler == "full", rank=sampler != "plain")
+        return jax.shard_map(variant, mesh=self.mesh,
                              in_specs=(self._logit_spec,) + (P(DATA),) * (1 + len(extras)), out_specs=P(DATA),
                              check_vma=False)(logits, tensors, *extras)
 
@@ -284,7 +288,7 @@ class ModelRunner:
         """The sampler with penalties and full ranking, on a step's logits and the sampling field of
         its packed inputs; and the step's `last` from its tokens."""
         sampled = self._sample_rows(logits, SamplingTensors.unpack(sampling.reshape(-1, PACKED_WIDTH)), history,
-                                    num_prompt, full_rank=True)
+                                    num_prompt, sampler="full")
         return sampled, self._last_of(sampled.token_ids)
 
     def _packed_len(self, bucket: Bucket, fused: bool = False) -> int:
@@ -320,9 +324,9 @@ class ModelRunner:
                              out_shardings=(self._replicated, self._rows, self._cache_shardings))
         for bucket in self.decode_buckets() if self.decode_steps > 1 else []:
             packed = jax.ShapeDtypeStruct((self.dp, self._packed_len(bucket, fused=True)), jnp.int32)
-            for full_rank in (False, True):
-                jobs.append((self._fused, (bucket, full_rank), fused_step.lower(
-                    self._param_leaves, self.kv_cache, packed, self._last, bucket, self.decode_steps, full_rank),
+            for sampler in SAMPLERS:
+                jobs.append((self._fused, (bucket, sampler), fused_step.lower(
+                    self._param_leaves, self.kv_cache, packed, self._last, bucket, self.decode_steps, sampler),
                     decode_options))
         lowered_at = time.perf_counter()
         with tqdm(total=len(jobs), desc="compiling", disable=not progress, unit="graph") as bar:
@@ -477,14 +481,14 @@ class ModelRunner:
             packs.append(self._pack(plan, bucket, self._last_rows, row_steps))
         scheduled = [(d * bucket.rows + i, s) for d, plan in enumerate(plans) for i, s in enumerate(plan.seqs)]
         row_params: list[RowParams | None] = [None] * (self.dp * bucket.rows)
-        full_rank = False
+        variant = 0  # the cheapest of SAMPLERS that every row allows
         for r, s in scheduled:
             seq = seqs[s.seq_id]
-            row_params[r] = RowParams(seq.params, seq.seed, seq.num_output_tokens)
-            full_rank |= needs_full_rank(seq.params, self.vocab_size)
+            row_params[r] = row = RowParams(seq.params, seq.seed, seq.num_output_tokens)
+            variant = max(variant, SAMPLERS.index(sampler_for(row, self.vocab_size)))
         packed = self._put(self._with_sampling(packs, row_params))
         self._last_rows = _rows_by_seq(plans)
-        fused = self._fused[bucket, full_rank]
+        fused = self._fused[bucket, SAMPLERS[variant]]
 
         def queue():
             out, self._last, self.kv_cache = fused(self._param_leaves, self.kv_cache, packed, self._last)

@@ -32,6 +32,18 @@ Cost on a (B, V) batch, XLA fusing the elementwise work into the passes:
     of the B x H history ids (seen mask, output counts) and an elementwise pass;
     penalties move any logit, so the processed logits get a ranking of their own.
 
+The ranking and the scatters serve only rows that ask for them, so `sample` comes in
+three static variants (SAMPLERS), and a caller compiles the ones it needs and picks,
+on the host, the cheapest that every row of a call allows (`sampler_for`):
+  * "plain": no ranking, no scatters: a logsumexp and one Gumbel-max argmax with the
+    min-p test, for rows without logprobs, logit_bias, suppressed ids or a top-k/top-p
+    cut (sampling at a temperature, greedy decoding): on an H100 (8B, fused decode
+    calls) it took a step from 6.02 to 5.89 ms at batch 1 and from 17.56 to 17.06 ms
+    at batch 192;
+  * "ranked": the candidates' ranking above, no branch;
+  * "full": "ranked" plus the full sort under a `lax.cond` (`needs_full_rank`).
+A row gets the same token and logprob from every variant it is allowed.
+
 NOTE: the step's sampler has no branch. On a GPU, XLA runs a `lax.cond` by copying
 its predicate to the host and blocking there until the device reaches it, so the
 thread that queues calls cannot queue the next one ahead. Computing every row's
@@ -60,6 +72,7 @@ MAX_LOGIT_BIAS = 64  # NB: logit_bias entries a row may carry
 MAX_SUPPRESS = 16  # NS: ids a row may suppress in one step (EOS + stop_token_ids under min_tokens)
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (dividing by them overflows)
 TOP_CANDIDATES = 256  # C: top-k/top-p cut among each row's C best tokens, without a sort, when they can
+SAMPLERS = ("plain", "ranked", "full")  # the static variants of `sample`, cheapest first (module NOTE)
 CHUNK = 32  # tokens per chunk in top_k_exact
 _INT32_MAX = 2**31 - 1
 
@@ -422,6 +435,16 @@ def needs_full_rank(params: SamplingParams, vocab_size: int, candidates: int = T
     return k > candidates or (params.top_p < 1 and k == 0)
 
 
+def sampler_for(row: RowParams, vocab_size: int, candidates: int = TOP_CANDIDATES) -> str:
+    """The cheapest of SAMPLERS that draws `row` exactly as "full" does (penalties aside: those
+    take the separate sampler with history)."""
+    p = row.params
+    if needs_full_rank(p, vocab_size, candidates):
+        return "full"
+    cut = not p.greedy and (0 < p.top_k < vocab_size or p.top_p < 1)
+    return "ranked" if p.logprobs or p.logit_bias or row.suppress_ids or cut else "plain"
+
+
 def _gumbel(seed: UInt32[Array, " B"], step: Int[Array, " B"], vocab: Vocab) -> Float[Array, "B V"]:
     """Row b's noise at the ids of `vocab`: jax.random.gumbel(fold_in(key(seed[b]), step[b]), (total,))
     sliced to them, drawn for those ids alone (threefry is a counter-based generator, and with
@@ -441,15 +464,20 @@ def _gumbel(seed: UInt32[Array, " B"], step: Int[Array, " B"], vocab: Vocab) -> 
 
 def _sample_tokens(
     z: Float[Array, "B V"], t: SamplingTensors, vocab: Vocab, full_rank: bool, ranked_ids: Int[Array, "B R"] | None,
+    rank: bool = True,
 ) -> Int[Array, " B"]:
     """Steps 3-5; greedy rows get no noise, and their cut always keeps their best token, so
     their token is the argmax of `z`. With `ranked_ids` (see `best_processed`) the top-k/top-p
-    candidates come from that ranking of the raw logits rather than from one of their own."""
+    candidates come from that ranking of the raw logits rather than from one of their own;
+    without `rank`, no row has a top-k/top-p cut (the "plain" sampler)."""
     greedy = (t.temperature < GREEDY_BELOW) | (t.top_k == 1)  # (B,)
     zt = z / jnp.where(greedy, 1.0, t.temperature)[:, None]  # (B, V)
     c = min(TOP_CANDIDATES, vocab.total)
-    best = None if ranked_ids is None else best_processed(zt, ranked_ids, t.bias_ids, c, vocab)
-    keep = filter_mask(zt, t.top_k, t.top_p, t.min_p, vocab=vocab, full_rank=full_rank, best=best)
+    if rank:
+        best = None if ranked_ids is None else best_processed(zt, ranked_ids, t.bias_ids, c, vocab)
+        keep = filter_mask(zt, t.top_k, t.top_p, t.min_p, vocab=vocab, full_rank=full_rank, best=best)
+    else:  # min-p alone (filter_mask's first test)
+        keep = (zt > -jnp.inf) & (zt >= vocab.max(zt)[:, None] + jnp.log(t.min_p)[:, None])
     noise = jnp.where(greedy[:, None], 0.0, _gumbel(t.seed, t.step, vocab))
     return vocab.argmax(jnp.where(keep, zt + noise, -jnp.inf))
 
@@ -463,18 +491,28 @@ def sample(
     num_top_logprobs: int = MAX_LOGPROBS,
     vocab_axis: str | None = None,
     full_rank: bool = True,
+    rank: bool = True,
 ) -> SampleOutput:
-    """Sample one token per row; jit-compatible, `num_top_logprobs` and `full_rank` static.
+    """Sample one token per row; jit-compatible, `num_top_logprobs`, `full_rank` and `rank` static.
 
     Pass `history` and `num_prompt` (see `process_logits`) only when some row uses
     penalties; without them no penalty work is traced at all. Inside a shard_map whose
     logits are split over the vocabulary on mesh axis `vocab_axis`, every shard returns
     the same whole answer (see `Vocab`). Without `full_rank` the sampler has no branch
-    (see the module's NOTE) and no row may need one (`needs_full_rank`).
+    (see the module's NOTE) and no row may need one (`needs_full_rank`). Without `rank`
+    (the "plain" sampler, `sampler_for`) nothing is ranked and no top logprobs come back
+    (top_ids and top_logprobs are (B, 0)); bias and suppressed ids are not applied, so no
+    row may carry them.
     """
     raw = logits.astype(jnp.float32)  # (B, V)
     vocab = Vocab.of(raw.shape[-1], vocab_axis)
     lse = vocab.logsumexp(raw)  # (B,)
+    if not rank:
+        if history is not None:
+            raise ValueError("penalties need the ranked sampler (rank=True)")
+        token_ids = _sample_tokens(raw, t, vocab, False, None, rank=False).astype(jnp.int32)
+        none = jnp.zeros((raw.shape[0], 0))
+        return SampleOutput(token_ids, vocab.take(raw, token_ids) - lse, none.astype(jnp.int32), none)
     z = process_logits(raw, t, history, num_prompt, vocab)
     n_top, ranked = min(num_top_logprobs, vocab.total), min(TOP_CANDIDATES + MAX_LOGIT_BIAS + MAX_SUPPRESS, vocab.total)
     if history is None and TOP_CANDIDATES < vocab.total:

@@ -129,17 +129,24 @@ def test_fused_decode_matches_hf_and_compiles_nothing():
     golden = json.loads((folder / "greedy.json").read_text())
     cases, n = golden["cases"], golden["max_new_tokens"]
     llm = _tiny_llm(folder, decode_steps=4)
-    calls = []
-    dispatch_fused = llm.engine.runner.dispatch_fused
-    llm.engine.runner.dispatch_fused = lambda *a, **kw: calls.append(1) or dispatch_fused(*a, **kw)
-    # a nucleus without top-k may reach past the sampler's candidates: those calls take the full sampler
+    calls = []  # the sampler variant of each fused call
+
+    class Recorded(dict):
+        def __getitem__(self, key):
+            calls.append(key[1])
+            return super().__getitem__(key)
+
+    llm.engine.runner._fused = Recorded(llm.engine.runner._fused)
+    # a nucleus without top-k may reach past the sampler's candidates: those calls take the full sampler;
+    # greedy and plain temperature sampling rank nothing (the "plain" sampler)
     nucleus = SamplingParams(temperature=5.0, top_p=0.99, seed=6, max_tokens=n)  # flat: wider than 256 tokens
     assert needs_full_rank(nucleus, llm.engine.model_config.vocab_size)
-    sampled = [SamplingParams(temperature=1.0, seed=5, max_tokens=n), nucleus]
+    top_k = SamplingParams(temperature=1.0, top_k=20, seed=7, max_tokens=n)  # ranks the candidates
+    sampled = [SamplingParams(temperature=1.0, seed=5, max_tokens=n), top_k, nucleus]
     with recorded_compiles() as compiles:
         outs = llm.generate([c["prompt_ids"] for c in cases], greedy(n), use_tqdm=False)
         seeded = [[llm.generate([c["prompt_ids"] for c in cases], p, use_tqdm=False) for p in sampled] for _ in range(2)]
-    assert calls, "no step was fused"
+    assert set(calls) == {"plain", "ranked", "full"}, calls
     assert [o.outputs[0].token_ids for o in outs] == [c["new_ids"] for c in cases]
     assert compiles == []
     single = _tiny_llm(folder)  # decode_steps 1 on CPU

@@ -28,10 +28,11 @@ from engine.sampling import (
     needs_full_rank,
     process_logits,
     sample,
+    sampler_for,
     top_k_exact,
 )
 
-sample_jit = jax.jit(sample, static_argnames=("num_top_logprobs", "full_rank"))
+sample_jit = jax.jit(sample, static_argnames=("num_top_logprobs", "full_rank", "rank"))
 filter_jit = jax.jit(filter_mask, static_argnames=("candidates", "full_rank"))
 V_BIG = 300  # > TOP_CANDIDATES, so top-k/top-p first try the candidates
 N_DRAWS = 20_000
@@ -196,6 +197,32 @@ def test_only_the_full_sampler_branches():
     assert " conditional(" not in hlo[False]
     assert all("known_trip_count" in line for line in hlo[False].splitlines() if " while(" in line)
     assert " conditional(" in hlo[True]
+
+
+def test_plain_sampler_draws_the_rows_it_allows_like_the_ranked_one():
+    """Rows without logprobs, bias, suppressed ids or a top-k/top-p cut may take the "plain"
+    sampler, which ranks nothing: each gets the ranked sampler's token and logprob."""
+    rows = [row(seed=1, temperature=1.0), row(temperature=0.0, top_p=0.5), row(seed=2, temperature=0.7, min_p=0.05),
+            row(seed=3, temperature=1.0, top_k=1), row(seed=4, temperature=1.3, logprobs=0), None,
+            row(seed=5, temperature=1.0, top_k=V_BIG), row(seed=6, temperature=2.0, top_k=0, top_p=1.0)]
+    assert [r and sampler_for(r, V_BIG) for r in rows] == ["plain"] * 5 + [None] + ["plain"] * 2
+    not_plain = {"ranked": [row(temperature=1.0, top_k=40), row(temperature=1.0, top_k=40, top_p=0.5),
+                            row(temperature=0.0, logprobs=1), row(temperature=1.0, logit_bias={3: 1.0}),
+                            row(temperature=1.0, suppress=(2,))],
+                 "full": [row(temperature=1.0, top_p=0.9), row(temperature=1.0, top_k=V_BIG - 1)]}
+    for want, examples in not_plain.items():
+        assert [sampler_for(r, V_BIG) for r in examples] == [want] * len(examples)
+    logits = random_logits(8, V_BIG, seed=11)
+    tensors = SamplingTensors.build(rows, 8)
+    for step in range(3):  # the noise changes with the step
+        t = tensors.replace(step=tensors.step + step)
+        plain, ranked = (sample_jit(logits, t, full_rank=False, rank=r) for r in (False, True))
+        live = [r is not None for r in rows]
+        np.testing.assert_array_equal(np.asarray(plain.token_ids)[live], np.asarray(ranked.token_ids)[live])
+        np.testing.assert_array_equal(np.asarray(plain.logprobs)[live], np.asarray(ranked.logprobs)[live])
+    assert plain.top_ids.shape == plain.top_logprobs.shape == (8, 0)
+    hlo = sample_jit.lower(logits, tensors, full_rank=False, rank=False).compile().as_text()
+    assert " sort(" not in hlo and " conditional(" not in hlo
 
 
 def test_penalties_bias_and_suppress_match_reference():

@@ -121,11 +121,12 @@ def test_fused_decode_on_a_mesh_matches_one_device(one_device, dp, tp):
     # Collectives of a fused call: the model's all-reduces of (tokens, hidden) activations over the
     # model axis (two a layer, one for the vocabulary-split embedding); the sampler's merges of its
     # vocabulary shards' results, none wider than (rows, shards x candidates), but for one gather
-    # of the logits that only the full-sort fallback of a `full_rank` graph runs; and the gathers of
+    # of the logits that only the full-sort fallback of a "full" sampler graph runs; and the gathers of
     # the call's outputs. Left to XLA, the row-wise sampler would gather the logits every step, or
     # pay a collective per reduction. The other graphs have no branch at all (test_sampling).
     layers, cfg = engine.model_config.num_layers, engine.model_config
-    for (_, full_rank), exe in engine.runner._fused.items():
+    for (_, sampler), exe in engine.runner._fused.items():
+        full_rank = sampler == "full"
         found = [(kind, [int(d) for d in dims.split(",") if d])
                  for dims, kind in re.findall(r"= \w+\[([\d,]*)\]\S* (all-reduce|all-gather)(?:-start)?\(", exe.as_text())]
         activations = [dims for kind, dims in found if kind == "all-reduce" and dims[-1:] == [cfg.hidden_size]]
