@@ -53,8 +53,14 @@ HOST_EVENTS = re.compile(r" (step|_dispatch|dispatch|dispatch_fused|collect|_rec
                          r"_execute|_put|_host|result)$|Execute|Transfer|Await|Compile", re.I)
 
 
-def kind_of(name: str) -> str:
-    return next((k for k, pattern in KINDS if pattern.search(name)), "other")
+LAYER_CALLS = 8  # a kernel run this often a step belongs to the layers, not to the sampler (which runs once)
+
+
+def kind_of(name: str, calls_per_step: float = 0.0) -> str:
+    """The kind of a kernel by its name; a "sampling" match (a reduction, say) that runs at least
+    LAYER_CALLS times a step is a layer's (an RMSNorm, a split-K sum): "other"."""
+    kind = next((k for k, pattern in KINDS if pattern.search(name)), "other")
+    return "other" if kind == "sampling" and calls_per_step >= LAYER_CALLS else kind
 
 
 Trace = tuple[list[list[tuple[int, int, str]]], list[tuple[int, int, str, str]]]  # (GPUs' kernels, host events)
@@ -136,7 +142,7 @@ def summarize(kernels: dict[str, dict], wall_ms: float, steps: int) -> dict:
     """Per-step figures: device busy time by kind, the idle rest of the wall time, the top kernels."""
     by_kind = collections.Counter()
     for name, t in kernels.items():
-        by_kind[kind_of(name)] += t["ms"]
+        by_kind[kind_of(name, t["count"] / steps)] += t["ms"]
     busy = sum(by_kind.values())
     top = sorted(kernels.items(), key=lambda kv: -kv[1]["ms"])[:30]
     return {
@@ -145,7 +151,7 @@ def summarize(kernels: dict[str, dict], wall_ms: float, steps: int) -> dict:
         "device_busy_ms_per_step": busy / steps,
         "idle_ms_per_step": (wall_ms - busy) / steps,
         "by_kind_ms_per_step": {k: v / steps for k, v in by_kind.most_common()},
-        "top_kernels": [{"name": n[:160], "kind": kind_of(n), "ms_per_step": t["ms"] / steps,
+        "top_kernels": [{"name": n[:160], "kind": kind_of(n, t["count"] / steps), "ms_per_step": t["ms"] / steps,
                          "calls_per_step": t["count"] / steps} for n, t in top],
     }
 

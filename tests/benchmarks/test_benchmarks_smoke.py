@@ -267,10 +267,13 @@ def test_profile_sums_kernels_by_kind(tmp_path):
     from benchmarks import profile_step
 
     kernels = {"paged_attention_r16_k64_s1": {"ms": 4.0, "count": 64}, "nvjet_sm90_tst_128x192": {"ms": 3.0, "count": 128},
-               "input_scatter_fusion_65": {"ms": 1.0, "count": 64}, "loop_add_fusion_3": {"ms": 0.5, "count": 126}}
+               "input_scatter_fusion_65": {"ms": 1.0, "count": 64}, "loop_add_fusion_3": {"ms": 0.5, "count": 126},
+               "sort_27_1": {"ms": 0.2, "count": 2}, "input_reduce_fusion_2": {"ms": 0.1, "count": 2},
+               "loop_reduce_fusion_31": {"ms": 0.3, "count": 64}}  # a reduction in every layer: not the sampler's
     s = profile_step.summarize(kernels, wall_ms=10.0, steps=2)
-    assert s["device_busy_ms_per_step"] == pytest.approx(4.25) and s["idle_ms_per_step"] == pytest.approx(0.75)
-    assert s["by_kind_ms_per_step"] == {"attention": 2.0, "gemm": 1.5, "kv_write": 0.5, "other": 0.25}
+    assert s["device_busy_ms_per_step"] == pytest.approx(4.55) and s["idle_ms_per_step"] == pytest.approx(0.45)
+    assert s["by_kind_ms_per_step"] == pytest.approx(
+        {"attention": 2.0, "gemm": 1.5, "kv_write": 0.5, "other": 0.4, "sampling": 0.15})
     assert s["top_kernels"][0] == {"name": "paged_attention_r16_k64_s1", "kind": "attention", "ms_per_step": 2.0,
                                    "calls_per_step": 32.0}
     # The CLI end to end (a CPU trace has no GPU kernels: only the structure is checked).
