@@ -390,6 +390,11 @@ def best_processed(
     return jax.lax.top_k(jnp.where(drop, -jnp.inf, values), c)[0]
 
 
+def _min_p_mask(z: Float[Array, "B V"], min_p: Float[Array, " B"], vocab: Vocab) -> Bool[Array, "B V"]:
+    """Tokens that min-p keeps (p >= min_p * p_max, i.e. z >= max(z) + log(min_p)); never those at -inf."""
+    return (z > -jnp.inf) & (z >= vocab.max(z)[:, None] + jnp.log(min_p)[:, None])
+
+
 def filter_mask(
     z: Float[Array, "B V"],
     top_k: Int[Array, " B"],
@@ -415,7 +420,7 @@ def filter_mask(
     """
     vocab = vocab or Vocab.of(z.shape[-1])
     v, c = vocab.total, min(candidates, vocab.total)
-    keep = (z > -jnp.inf) & (z >= vocab.max(z)[:, None] + jnp.log(min_p)[:, None])
+    keep = _min_p_mask(z, min_p, vocab)
     threshold, decided = _top_k_top_p_threshold(z, top_k, top_p, c, vocab, best)  # (B,)
     if full_rank and c < v:  # undecided rows alone take the sorted answer, so no row depends on its neighbours
         threshold = jax.lax.cond(
@@ -476,8 +481,8 @@ def _sample_tokens(
     if rank:
         best = None if ranked_ids is None else best_processed(zt, ranked_ids, t.bias_ids, c, vocab)
         keep = filter_mask(zt, t.top_k, t.top_p, t.min_p, vocab=vocab, full_rank=full_rank, best=best)
-    else:  # min-p alone (filter_mask's first test)
-        keep = (zt > -jnp.inf) & (zt >= vocab.max(zt)[:, None] + jnp.log(t.min_p)[:, None])
+    else:
+        keep = _min_p_mask(zt, t.min_p, vocab)
     noise = jnp.where(greedy[:, None], 0.0, _gumbel(t.seed, t.step, vocab))
     return vocab.argmax(jnp.where(keep, zt + noise, -jnp.inf))
 

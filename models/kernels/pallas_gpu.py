@@ -93,7 +93,7 @@ def _kernel(*refs, tile_rows: int, short_rows: int | None, group_pad: int, **sta
     if short_rows is None or short_rows >= tile_rows:
         attend(tile_rows=tile_rows)
         return
-    blk_lo_ref, blk_hi_ref = refs[7], refs[8]
+    blk_lo_ref, blk_hi_ref = refs[7:9]  # _attend's blk_lo_ref and blk_hi_ref
     short = blk_hi_ref[ids[0]] - blk_lo_ref[ids[0]] <= short_rows // group_pad
     pl.when(short)(lambda: attend(tile_rows=short_rows))
     pl.when(jnp.logical_not(short))(lambda: attend(tile_rows=tile_rows))
