@@ -307,3 +307,20 @@ def test_step_kinds_count_fused_calls_and_the_pipeline():
     spent = sum(k["dispatch_s"] + k["wait_s"] for k in kinds.values())
     assert all(k["dispatch_s"] > 0 and k["wait_s"] > 0 for k in kinds.values() if k["count"])
     assert spent < m["elapsed_time"]
+
+
+def test_step_variants_change_the_compiled_step(tmp_path):
+    """benchmarks/step_variants.py on the tiny preset: each case timed, and a variant really reaches the
+    compiled step (the norm written as a row scale compiles to other kernels than the default)."""
+    out = tmp_path / "variants.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.step_variants", str(out), "base", "normscale"],
+                          cwd=REPO, env={**ENV, "BENCH_SMOKE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("python -m benchmarks.step_variants") and result["device"]
+    cases = ["rows1_bucket16_ctx256", "rows1_bucket16_ctx1024", "rows192_bucket192_ctx1024"]
+    for name, res in result["variants"].items():
+        assert list(res) == cases, (name, res)
+        assert all(res[c]["ms"] > 0 and res[c]["kernels"]["fusion"] > 0 for c in cases)
+    base, scaled = result["variants"]["base"], result["variants"]["normscale"]
+    assert base[cases[2]]["kernels"] != scaled[cases[2]]["kernels"]

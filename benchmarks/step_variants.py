@@ -1,0 +1,178 @@
+"""One decode step of the Llama-3.1-8B shape (layers + logits of one row, no sampler, no engine)
+under variants of how the step is written or compiled, each timed beside the others.
+
+    python -m benchmarks.step_variants OUT.json [VARIANT ...]      (default: every variant)
+
+Cases: 1 decode row in the 16-token bucket at context 256 and 1024, and 192 rows at context
+1024, padded as the runner pads them (one block-table width of 128 pages). Each variant gets a
+fresh trace (the jit caches are cleared) and its own compile; the step donates the cache, as the
+engine's does. Reported per case: the median and minimum of 15 timings of 10 steps, the compile
+time, and the kernel-launching instructions of the optimized HLO by kind (`fusion(` counts nested
+computations too: compare it between variants, not with a profile).
+
+Variants change one thing against `base` (the code as it is):
+
+- `normscale`: RMSNorm as a row scale on the product, (x * gain) @ w * rsqrt(mean(x^2) + eps),
+  to let XLA take the norm into the GEMM's prologue and epilogue;
+- `swiglu_exp`: SwiGLU as g * u / (1 + exp(-g)), a form XLA's GEMM prologue could take;
+- `both`: the two together;
+- `split1`, `split8`: decode attention with 1 or 8 context splits instead of the GPU-filling rule;
+- `cublas`, `warpspec`, `exhaustive`: XLA options of the compile (cuBLAS for every GEMM, Triton
+  warp specialization, the exhaustive Triton tiling search).
+
+XLA keeps its autotuning results for the life of the process, so a variant that only changes
+autotuning (`exhaustive`) must run in a process of its own to mean anything; the order of
+variants in one process also shows as drift of about 1%: run `base` again at the end.
+"""
+
+import functools
+import os
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from benchmarks.common import environment, write_json
+from models import ModelConfig, random_model
+from models.attention import AttentionMetadata
+from models.kernels import pallas_gpu, reference
+from models.kv_cache import allocate_kv_cache
+from sharding import Placement, make_mesh
+
+PAGE = 16
+TABLE_WIDTH = 128  # block-table width, as the engine's at max_model_len 2048
+CASES = ((1, 16, 256), (1, 16, 1024), (192, 192, 1024))  # (rows, token bucket, context)
+SMOKE = bool(os.environ.get("BENCH_SMOKE"))  # the tiny preset on the CPU: checks the script only
+FUSED_MATMUL = reference.fused_matmul  # the projections' op as written (the "xla" backend runs it)
+
+
+def norm_scale(x, w, *, norm_weight=None, eps=1e-6, swiglu=False, bias=None, residual=None):
+    """`reference.fused_matmul` with the RMSNorm as a row scale on the product."""
+    if norm_weight is None:
+        return FUSED_MATMUL(x, w, eps=eps, swiglu=swiglu, bias=bias, residual=residual)
+    x32 = x.astype(jnp.float32)
+    r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)  # (T, 1)
+    out = jnp.tensordot(x * norm_weight, w, axes=1, preferred_element_type=jnp.float32)
+    out = (out * r.reshape(r.shape + (1,) * (out.ndim - 2))).astype(x.dtype)
+    out = out if bias is None else out + bias
+    return out if residual is None else residual + out
+
+
+def swiglu_exp(x, w, *, norm_weight=None, eps=1e-6, swiglu=False, bias=None, residual=None,
+               inner=FUSED_MATMUL):
+    """`inner` with SwiGLU written with exp only."""
+    if not swiglu:
+        return inner(x, w, norm_weight=norm_weight, eps=eps, bias=bias, residual=residual)
+    g, u = x[:, 0].astype(jnp.float32), x[:, 1].astype(jnp.float32)
+    h = (g * u / (1.0 + jnp.exp(-g))).astype(x.dtype)
+    return FUSED_MATMUL(h, w, bias=bias, residual=residual)
+
+
+VARIANTS = {
+    "base": {},
+    "normscale": {"matmul": norm_scale},
+    "swiglu_exp": {"matmul": swiglu_exp},
+    "both": {"matmul": functools.partial(swiglu_exp, inner=norm_scale)},
+    "split1": {"splits": 1},
+    "split8": {"splits": 8},
+    "cublas": {"options": {"xla_gpu_enable_triton_gemm": False}},
+    "warpspec": {"options": {"xla_gpu_experimental_enable_triton_warp_specialization": True}},
+    "exhaustive": {"options": {"xla_gpu_exhaustive_tiling_search": True}},
+}
+
+
+def metadata(rows: int, bucket: int, ctx: int) -> dict:
+    """`rows` decode rows at context `ctx` in a `bucket`-token step, padded as the runner pads."""
+    b = bucket + 1
+    per = -(-ctx // PAGE)
+    tables = np.zeros((b, TABLE_WIDTH), np.int32)
+    tables[:rows, :per] = 1 + np.arange(rows * per, dtype=np.int32).reshape(rows, per)
+    pos = np.zeros(bucket, np.int32)
+    pos[:rows] = ctx - 1
+    slots = np.arange(bucket, dtype=np.int32) % PAGE  # padding writes the trash page
+    slots[:rows] = tables[np.arange(rows), (ctx - 1) // PAGE] * PAGE + (ctx - 1) % PAGE
+    token_seq = np.full(bucket, b - 1, np.int32)
+    token_seq[:rows] = np.arange(rows)
+    lens = np.zeros(b, np.int32)
+    lens[:rows] = ctx
+    qsl = np.full(b + 1, rows, np.int32)
+    qsl[: rows + 1] = np.arange(rows + 1)
+    fields = dict(positions=pos, slot_mapping=slots, token_seq=token_seq, block_tables=tables, seq_lens=lens,
+                  query_start_loc=qsl)
+    return {k: jnp.asarray(v) for k, v in fields.items()}
+
+
+def hlo_kernels(text: str) -> dict:
+    """Kernel-launching instructions of an optimized HLO module, and fusions by kind."""
+    counts = {}
+    for m in re.finditer(r"= \S+ (fusion|custom-call|copy|all-reduce|while|conditional)\(", text):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    for m in re.finditer(r" fusion\(.*?kind=(k\w+)", text):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
+
+
+def main() -> None:
+    out_path, names = sys.argv[1], sys.argv[2:] or list(VARIANTS)
+    cfg = ModelConfig.tiny() if SMOKE else ModelConfig.llama31_8b()
+    model = random_model(cfg, jnp.bfloat16, seed=0, place=Placement(make_mesh(1, 1), None))
+    model.attention_backend = "reference" if SMOKE else "pallas"
+    num_pages = max(1 + rows * -(-ctx // PAGE) for rows, _, ctx in CASES)
+    cache = allocate_kv_cache(cfg, num_pages, PAGE, jnp.bfloat16)
+    graphdef, state = nnx.split(model)
+    result = {**environment(), "cases": [list(c) for c in CASES], "variants": {}}
+
+    def step(state, tokens, cache, fields):
+        m = nnx.merge(graphdef, state)
+        hidden, cache = m(tokens, cache, AttentionMetadata(**fields))
+        return m.logits(hidden[:1]), cache
+
+    def run(variant: dict, res: dict) -> None:
+        nonlocal cache
+        for rows, bucket, ctx in CASES:
+            fields, tokens = metadata(rows, bucket, ctx), jnp.zeros(bucket, jnp.int32)
+            start = time.perf_counter()
+            lowered = jax.jit(step, donate_argnums=(2,)).lower(state, tokens, cache, fields)
+            compiled = lowered.compile(None if SMOKE else variant.get("options"))
+            compile_s = time.perf_counter() - start
+            for _ in range(3):
+                logits, cache = compiled(state, tokens, cache, fields)
+            jax.block_until_ready(logits)
+            times, (reps, inner) = [], (2, 2) if SMOKE else (15, 10)
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    logits, cache = compiled(state, tokens, cache, fields)
+                jax.block_until_ready(logits)
+                times.append((time.perf_counter() - t0) / inner * 1e3)
+            key = f"rows{rows}_bucket{bucket}_ctx{ctx}"
+            res[key] = {"ms": statistics.median(times), "min_ms": min(times), "compile_s": compile_s,
+                        "kernels": hlo_kernels(compiled.as_text())}
+            print(name, key, res[key], flush=True)
+
+    default_decode = pallas_gpu.DECODE
+    for name in names:
+        jax.clear_caches()
+        variant = VARIANTS[name]
+        reference.fused_matmul = variant.get("matmul", FUSED_MATMUL)  # what models.projection calls
+        if "splits" in variant:
+            pallas_gpu.DECODE = pallas_gpu.KernelConfig(**{**default_decode.__dict__, "num_splits": variant["splits"]})
+        res = {}
+        try:
+            run(variant, res)
+        except Exception as e:  # an option this XLA lacks, an out-of-memory: recorded, the next one runs
+            res["error"] = repr(e)[:500]
+            print(name, "failed:", res["error"], flush=True)
+            cache = allocate_kv_cache(cfg, num_pages, PAGE, jnp.bfloat16)
+        reference.fused_matmul, pallas_gpu.DECODE = FUSED_MATMUL, default_decode
+        result["variants"][name] = res
+        write_json(out_path, result)
+
+
+if __name__ == "__main__":
+    main()
