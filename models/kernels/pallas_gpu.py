@@ -205,9 +205,9 @@ def _attend(
         live = ctx < ctx_len
         row_opts = dict(mask=live, other=0) if masked else {}
         kv_opts = dict(mask=jnp.broadcast_to(live[:, None], (block_kv, d)), other=0.0) if masked else {}
-        is_new = ctx == min_pos  # fresh: the slot of the block's token, not written yet as far as we know
         v_opts = kv_opts
-        if fresh and masked:
+        if fresh and masked:  # the slot of the block's token: not written yet, as far as this program knows
+            is_new = ctx == min_pos
             v_opts = dict(mask=jnp.broadcast_to((live & ~is_new)[:, None], (block_kv, d)), other=0.0)
         page = plgpu.load(bt_ref.at[row, lax.shift_right_logical(ctx, page_shift)], **row_opts)
         kv_rows = page * page_size + (ctx & (page_size - 1))
@@ -309,10 +309,9 @@ def paged_attention_kernel(
         t, h, d = q.shape
     kv_heads, n_pages, page_size, _ = k_pages.shape
     group = h // kv_heads
-    group_pad = next_pow2(group)
-    tile_rows = max(config.tile_rows, MIN_DOT_ROWS, group_pad)
+    tile_rows, group_pad, block_q = _tile(config, group)
     qsl = meta.query_start_loc
-    blk_row, blk_lo, blk_hi = query_block_schedule(qsl, t, 1 if fresh else tile_rows // group_pad)
+    blk_row, blk_lo, blk_hi = query_block_schedule(qsl, t, 1 if fresh else block_q)
     num_blocks = blk_row.shape[0]
     max_ctx = meta.block_tables.shape[1] * page_size
     splits = config.num_splits or num_splits_for(num_blocks * kv_heads, max_ctx, config.block_kv)
