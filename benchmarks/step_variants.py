@@ -16,7 +16,9 @@ Variants change one thing against `base` (the code as it is):
   to let XLA take the norm into the GEMM's prologue and epilogue;
 - `swiglu_exp`: SwiGLU as g * u / (1 + exp(-g)), a form XLA's GEMM prologue could take;
 - `both`: the two together;
-- `split1`, `split8`: decode attention with 1 or 8 context splits instead of the GPU-filling rule;
+- `split1` to `split16`: decode attention with that many context splits instead of the GPU-filling
+  rule; `kv16`, `kv32`, `kv128`: its context block; `warps2`, `warps8`, `stages2`, `stages4`: its
+  warps and pipeline stages (the decode `KernelConfig` otherwise as it is);
 - `fresh`: the step marked one token a row (as fused decode calls mark theirs), so RoPE and the
   KV write run inside the attention kernel (`models.attention.write_and_attend`); every
   variant's first step from a zeroed cache is compared with the first variant's (logits);
@@ -25,9 +27,11 @@ Variants change one thing against `base` (the code as it is):
 
 XLA keeps its autotuning results for the life of the process, so a variant that only changes
 autotuning (`exhaustive`) must run in a process of its own to mean anything; the order of
-variants in one process also shows as drift of about 1%: run `base` again at the end.
+variants in one process also shows as drift of about 1%: run `base` again at the end. Variants
+combine with `+` (`fresh+split8`): their changes merged, later ones winning.
 """
 
+import dataclasses
 import functools
 import os
 import re
@@ -82,12 +86,25 @@ VARIANTS = {
     "swiglu_exp": {"matmul": swiglu_exp},
     "both": {"matmul": functools.partial(swiglu_exp, inner=norm_scale)},
     "fresh": {"one_token_per_row": True},
-    "split1": {"splits": 1},
-    "split8": {"splits": 8},
+    **{f"split{n}": {"decode": {"num_splits": n}} for n in (1, 2, 4, 6, 8, 16)},
+    **{f"kv{n}": {"decode": {"block_kv": n}} for n in (16, 32, 128)},
+    "warps2": {"decode": {"num_warps": 2}},
+    "warps8": {"decode": {"num_warps": 8}},
+    "stages2": {"decode": {"num_stages": 2}},
+    "stages4": {"decode": {"num_stages": 4}},
     "cublas": {"options": {"xla_gpu_enable_triton_gemm": False}},
     "warpspec": {"options": {"xla_gpu_experimental_enable_triton_warp_specialization": True}},
     "exhaustive": {"options": {"xla_gpu_exhaustive_tiling_search": True}},
 }
+
+
+def combined(name: str) -> dict:
+    """The variant `name`, or the variants of `a+b+...` merged (decode-config and XLA options key by key)."""
+    merged = {}
+    for part in name.split("+"):
+        for key, value in VARIANTS[part].items():
+            merged[key] = {**merged[key], **value} if isinstance(value, dict) and key in merged else value
+    return merged
 
 
 def metadata(rows: int, bucket: int, ctx: int) -> dict:
@@ -172,10 +189,9 @@ def main() -> None:
     default_decode = pallas_gpu.DECODE
     for i, name in enumerate(names):
         jax.clear_caches()
-        variant = VARIANTS[name]
+        variant = combined(name)
         reference.fused_matmul = variant.get("matmul", FUSED_MATMUL)  # what models.projection calls
-        if "splits" in variant:
-            pallas_gpu.DECODE = pallas_gpu.KernelConfig(**{**default_decode.__dict__, "num_splits": variant["splits"]})
+        pallas_gpu.DECODE = dataclasses.replace(default_decode, **variant.get("decode", {}))
         res = {}
         try:
             run(variant, res)

@@ -189,11 +189,12 @@ def _attend(
         k_new = rotated(lambda c: q_ref.at[one[:, None], kv, group, c], one, has).astype(q_ref.dtype)
         v_new = plgpu.load(q_ref.at[one[:, None], kv, group + 1, col], mask=has, other=0.0)
         owner = (first <= min_pos // block_kv) & (min_pos // block_kv < last)
-        writes = has & owner
-        slot = plgpu.load(slot_ref.at[one], mask=writes[:, 0], other=0)
-        slot = jnp.where(writes[:, 0], slot, k_out_ref.shape[1])  # masked: out of range
-        plgpu.store(k_out_ref.at[kv, slot[:, None], col], k_new.astype(k_out_ref.dtype), mask=writes)
-        plgpu.store(v_out_ref.at[kv, slot[:, None], col], v_new.astype(v_out_ref.dtype), mask=writes)
+        writes = (one < hi) & owner  # (1,): Triton lowers no slice, so the (1, D) mask is built from it
+        slot = plgpu.load(slot_ref.at[one], mask=writes, other=0)
+        slot = jnp.where(writes, slot, k_out_ref.shape[1])  # masked: out of range
+        row_writes = jnp.broadcast_to(writes[:, None], (1, d))
+        plgpu.store(k_out_ref.at[kv, slot[:, None], col], k_new.astype(k_out_ref.dtype), mask=row_writes)
+        plgpu.store(v_out_ref.at[kv, slot[:, None], col], v_new.astype(v_out_ref.dtype), mask=row_writes)
         k_new, v_new = k_new.astype(k_ref.dtype).astype(jnp.float32), v_new.astype(v_ref.dtype).astype(jnp.float32)
 
     # 3. Stream the context; K/V row of position c is page(c) * page_size + c % page_size.

@@ -1,0 +1,73 @@
+"""Every Pallas GPU kernel lowers to Triton for an H100, checked on the CPU.
+
+Interpret mode (the other kernel tests) runs the kernels' jaxpr with jnp, so it accepts
+primitives the Triton lowering lacks (a slice of a loaded block, for one): such a kernel
+passes in CI and fails only on the GPU. Lowering for an abstract H100 (`lowering_platforms`)
+runs the real Triton lowering without a GPU.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.kernels import pallas_gpu, pallas_matmul, pallas_write, reference
+from tests.models.kernels.test_pallas import random_step
+
+H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
+KV, G, D, PAGE, PAGES = 8, 4, 128, 16, 64
+
+
+def lower_for_h100(fn, *args) -> str:
+    """The StableHLO of fn for an H100, lowered from the abstract shapes of args (no GPU needed)."""
+    leaves, tree = jax.tree.flatten(args)  # as leaves: the metadata class checks its fields' types
+    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=H100)):
+        traced = jax.jit(lambda *xs: fn(*jax.tree.unflatten(tree, xs))).trace(*shapes)
+        return traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def attention_inputs(tokens_per_row: list[int], one_token: bool = False):
+    meta = random_step(np.random.default_rng(0), [(100, n) for n in tokens_per_row], page_size=PAGE,
+                       width=16, pad_tokens=3).replace(one_token_per_row=one_token)
+    t = meta.positions.shape[0]
+    pages = jnp.zeros((KV, PAGES, PAGE, D), jnp.bfloat16)
+    rope = reference.rope_tables(meta.positions, jnp.ones(D // 2, jnp.float32))
+    return meta, pages, rope, t
+
+
+@pytest.mark.parametrize("tokens_per_row", [[1, 1, 1], [1, 40, 7]], ids=["decode", "prefill"])
+def test_paged_attention_lowers(tokens_per_row):
+    meta, pages, _, t = attention_inputs(tokens_per_row)
+    q = jnp.zeros((t, KV * G, D), jnp.bfloat16)
+    text = lower_for_h100(functools.partial(pallas_gpu.paged_attention, scale=0.1), q, pages, pages, meta)
+    assert "triton" in text
+
+
+@pytest.mark.parametrize("splits", [None, 1], ids=["split", "unsplit"])
+def test_write_and_attend_lowers(splits, monkeypatch):
+    monkeypatch.setattr(pallas_gpu, "DECODE", pallas_gpu.DECODE.__class__(**{**pallas_gpu.DECODE.__dict__,
+                                                                              "num_splits": splits}))
+    meta, pages, rope, t = attention_inputs([1, 1, 1], one_token=True)
+    qkv = jnp.zeros((t, KV, G + 2, D), jnp.bfloat16)
+    text = lower_for_h100(functools.partial(pallas_gpu.write_and_attend, scale=0.1), qkv, pages, pages, meta, rope)
+    assert "triton" in text
+
+
+def test_rope_and_write_lowers():
+    meta, pages, rope, t = attention_inputs([1, 5])
+    qkv = jnp.zeros((t, KV, G + 2, D), jnp.bfloat16)
+    assert "triton" in lower_for_h100(pallas_write.rope_and_write, qkv, pages, pages, meta.slot_mapping, *rope)
+
+
+@pytest.mark.parametrize("prologue", ["norm", "swiglu", "residual"])
+def test_fused_matmul_lowers(prologue):
+    rows, k, n = 16, 512, 256
+    x = jnp.zeros((rows, 2, k) if prologue == "swiglu" else (rows, k), jnp.bfloat16)
+    w = jnp.zeros((k, n), jnp.bfloat16)
+    extra = {"norm": {"norm_weight": jnp.ones(k, jnp.bfloat16)}, "swiglu": {},
+             "residual": {"residual": jnp.zeros((rows, n), jnp.bfloat16)}}[prologue]
+    fn = functools.partial(pallas_matmul.fused_matmul, swiglu=prologue == "swiglu")
+    assert "triton" in lower_for_h100(lambda x, w, extra: fn(x, w, **extra), x, w, extra)
