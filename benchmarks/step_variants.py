@@ -7,18 +7,17 @@ Cases: 1 decode row in the 16-token bucket at context 256 and 1024, and 192 rows
 1024, padded as the runner pads them (one block-table width of 128 pages). Each variant gets a
 fresh trace (the jit caches are cleared) and its own compile; the step donates the cache, as the
 engine's does. Reported per case: the median and minimum of 15 timings of 10 steps, the compile
-time, and the kernel-launching instructions of the optimized HLO by kind (`fusion(` counts nested
-computations too: compare it between variants, not with a profile).
+time, the kernel-launching instructions of the optimized HLO by kind (`fusion(` counts nested
+computations too: compare it between variants, not with a profile) and a hash of that HLO.
 
 Variants change one thing against `base` (the code as it is):
 
-- `normscale`: RMSNorm as a row scale on the product, (x * gain) @ w * rsqrt(mean(x^2) + eps),
-  to let XLA take the norm into the GEMM's prologue and epilogue;
 - `swiglu_exp`: SwiGLU as g * u / (1 + exp(-g)), a form XLA's GEMM prologue could take;
-- `both`: the two together;
 - `split1` to `split16`: decode attention with that many context splits instead of the GPU-filling
   rule; `kv16`, `kv32`, `kv128`: its context block; `warps2`, `warps8`, `stages2`, `stages4`: its
   warps and pipeline stages (the decode `KernelConfig` otherwise as it is);
+- `xla_norm`: the residual add and RMSNorm as jnp ops for XLA to fuse (two kernels), not the
+  one-kernel `pallas_norm.add_rms_norm`;
 - `fresh`: the step marked one token a row (as fused decode calls mark theirs), so RoPE and the
   KV write run inside the attention kernel (`models.attention.write_and_attend`); every
   variant's first step from a zeroed cache is compared with the first variant's (logits);
@@ -28,11 +27,14 @@ Variants change one thing against `base` (the code as it is):
 XLA keeps its autotuning results for the life of the process, so a variant that only changes
 autotuning (`exhaustive`) must run in a process of its own to mean anything; the order of
 variants in one process also shows as drift of about 1%: run `base` again at the end. Variants
-combine with `+` (`fresh+split8`): their changes merged, later ones winning.
+combine with `+` (`fresh+split8`): their changes merged, later ones winning. (The RMSNorm
+written as a row scale on the product, measured in `results/step-variants_h100/call1`, left
+with the norm's move out of the projections into `pallas_norm`.)
 """
 
 import dataclasses
 import functools
+import hashlib
 import os
 import re
 import statistics
@@ -43,11 +45,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from benchmarks.common import environment, write_json
 from models import ModelConfig, random_model
 from models.attention import AttentionMetadata
-from models.kernels import pallas_gpu, reference
+from models.kernels import pallas_gpu, pallas_norm, reference
 from models.kv_cache import allocate_kv_cache
 from sharding import Placement, make_mesh
 
@@ -56,25 +60,13 @@ TABLE_WIDTH = 128  # block-table width, as the engine's at max_model_len 2048
 CASES = ((1, 16, 256), (1, 16, 1024), (192, 192, 1024))  # (rows, token bucket, context)
 SMOKE = bool(os.environ.get("BENCH_SMOKE"))  # the tiny preset on the CPU: checks the script only
 FUSED_MATMUL = reference.fused_matmul  # the projections' op as written (the "xla" backend runs it)
+ADD_NORM = pallas_norm.add_rms_norm  # the "pallas" backend's residual add + RMSNorm
 
 
-def norm_scale(x, w, *, norm_weight=None, eps=1e-6, swiglu=False, bias=None, residual=None):
-    """`reference.fused_matmul` with the RMSNorm as a row scale on the product."""
-    if norm_weight is None:
-        return FUSED_MATMUL(x, w, eps=eps, swiglu=swiglu, bias=bias, residual=residual)
-    x32 = x.astype(jnp.float32)
-    r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)  # (T, 1)
-    out = jnp.tensordot(x * norm_weight, w, axes=1, preferred_element_type=jnp.float32)
-    out = (out * r.reshape(r.shape + (1,) * (out.ndim - 2))).astype(x.dtype)
-    out = out if bias is None else out + bias
-    return out if residual is None else residual + out
-
-
-def swiglu_exp(x, w, *, norm_weight=None, eps=1e-6, swiglu=False, bias=None, residual=None,
-               inner=FUSED_MATMUL):
-    """`inner` with SwiGLU written with exp only."""
+def swiglu_exp(x, w, *, norm_weight=None, eps=1e-6, swiglu=False, bias=None, residual=None):
+    """`reference.fused_matmul` with SwiGLU written with exp only."""
     if not swiglu:
-        return inner(x, w, norm_weight=norm_weight, eps=eps, bias=bias, residual=residual)
+        return FUSED_MATMUL(x, w, norm_weight=norm_weight, eps=eps, bias=bias, residual=residual)
     g, u = x[:, 0].astype(jnp.float32), x[:, 1].astype(jnp.float32)
     h = (g * u / (1.0 + jnp.exp(-g))).astype(x.dtype)
     return FUSED_MATMUL(h, w, bias=bias, residual=residual)
@@ -82,10 +74,9 @@ def swiglu_exp(x, w, *, norm_weight=None, eps=1e-6, swiglu=False, bias=None, res
 
 VARIANTS = {
     "base": {},
-    "normscale": {"matmul": norm_scale},
     "swiglu_exp": {"matmul": swiglu_exp},
-    "both": {"matmul": functools.partial(swiglu_exp, inner=norm_scale)},
     "fresh": {"one_token_per_row": True},
+    "xla_norm": {"norm": reference.add_rms_norm},
     **{f"split{n}": {"decode": {"num_splits": n}} for n in (1, 2, 4, 6, 8, 16)},
     **{f"kv{n}": {"decode": {"block_kv": n}} for n in (16, 32, 128)},
     "warps2": {"decode": {"num_warps": 2}},
@@ -141,10 +132,15 @@ def hlo_kernels(text: str) -> dict:
 def main() -> None:
     out_path, names = sys.argv[1], sys.argv[2:] or list(VARIANTS)
     cfg = ModelConfig.tiny() if SMOKE else ModelConfig.llama31_8b()
-    model = random_model(cfg, jnp.bfloat16, seed=0, place=Placement(make_mesh(1, 1), None))
+    mesh = make_mesh(1, 1)
+    model = random_model(cfg, jnp.bfloat16, seed=0, place=Placement(mesh, None))
     model.attention_backend = "reference" if SMOKE else "pallas"
     num_pages = max(1 + rows * -(-ctx // PAGE) for rows, _, ctx in CASES)
-    cache = allocate_kv_cache(cfg, num_pages, PAGE, jnp.bfloat16)
+
+    def zeroed_cache():  # placed as the step returns it, so every variant compiles for the same input
+        return allocate_kv_cache(cfg, num_pages, PAGE, jnp.bfloat16, NamedSharding(mesh, P()))
+
+    cache = zeroed_cache()
     graphdef, state = nnx.split(model)
     result = {**environment(), "cases": [list(c) for c in CASES], "variants": {}}
 
@@ -166,7 +162,7 @@ def main() -> None:
             compile_s = time.perf_counter() - start
             key = f"rows{rows}_bucket{bucket}_ctx{ctx}"
             cache = None  # freed before the zeroed one is made: two caches of the 192-row case do not fit
-            cache = allocate_kv_cache(cfg, num_pages, PAGE, jnp.bfloat16)
+            cache = zeroed_cache()
             logits, cache = compiled(state, tokens, cache, fields)
             logits = np.asarray(logits, np.float32)
             first_logits.setdefault(key, logits)
@@ -181,8 +177,11 @@ def main() -> None:
                     logits, cache = compiled(state, tokens, cache, fields)
                 jax.block_until_ready(logits)
                 times.append((time.perf_counter() - t0) / inner * 1e3)
+            hlo = compiled.as_text()
+            hlo = re.sub(r", metadata=\{[^}]*\}", "", hlo[hlo.index("HloModule"):])  # without source locations
             res[key] = {"ms": statistics.median(times), "min_ms": min(times), "compile_s": compile_s,
-                        "kernels": hlo_kernels(compiled.as_text()), "max_abs_logit_diff_vs_first": diff,
+                        "kernels": hlo_kernels(hlo), "hlo_sha1": hashlib.sha1(hlo.encode()).hexdigest()[:12],
+                        "max_abs_logit_diff_vs_first": diff,
                         "max_abs_logit": float(np.max(np.abs(logits)))}
             print(name, key, res[key], flush=True)
 
@@ -192,14 +191,15 @@ def main() -> None:
         variant = combined(name)
         reference.fused_matmul = variant.get("matmul", FUSED_MATMUL)  # what models.projection calls
         pallas_gpu.DECODE = dataclasses.replace(default_decode, **variant.get("decode", {}))
+        pallas_norm.add_rms_norm = variant.get("norm", ADD_NORM)
         res = {}
         try:
             run(variant, res)
         except Exception as e:  # an option this XLA lacks, an out-of-memory: recorded, the next one runs
             res["error"] = repr(e)[:500]
             print(name, "failed:", res["error"], flush=True)
-            cache = allocate_kv_cache(cfg, num_pages, PAGE, jnp.bfloat16)
-        reference.fused_matmul, pallas_gpu.DECODE = FUSED_MATMUL, default_decode
+            cache = zeroed_cache()
+        reference.fused_matmul, pallas_gpu.DECODE, pallas_norm.add_rms_norm = FUSED_MATMUL, default_decode, ADD_NORM
         result["variants"][name if name not in result["variants"] else f"{name} ({i + 1})"] = res  # a rerun keeps both
         write_json(out_path, result)
 

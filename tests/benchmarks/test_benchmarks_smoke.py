@@ -311,9 +311,11 @@ def test_step_kinds_count_fused_calls_and_the_pipeline():
 
 def test_step_variants_change_the_compiled_step(tmp_path):
     """benchmarks/step_variants.py on the tiny preset: each case timed, and a variant really reaches the
-    compiled step (the norm written as a row scale compiles to other kernels than the default)."""
+    compiled step (SwiGLU written with exp compiles to another HLO than the default, which compiles
+    to the same one twice)."""
     out = tmp_path / "variants.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.step_variants", str(out), "base", "normscale"],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.step_variants", str(out), "base", "swiglu_exp+split8",
+                           "base"],
                           cwd=REPO, env={**ENV, "BENCH_SMOKE": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     result = json.loads(out.read_text())
@@ -322,5 +324,6 @@ def test_step_variants_change_the_compiled_step(tmp_path):
     for name, res in result["variants"].items():
         assert list(res) == cases, (name, res)
         assert all(res[c]["ms"] > 0 and res[c]["kernels"]["fusion"] > 0 for c in cases)
-    base, scaled = result["variants"]["base"], result["variants"]["normscale"]
-    assert base[cases[2]]["kernels"] != scaled[cases[2]]["kernels"]
+    base, again, changed = (result["variants"][k] for k in ("base", "base (3)", "swiglu_exp+split8"))
+    for case in cases:
+        assert base[case]["hlo_sha1"] == again[case]["hlo_sha1"] != changed[case]["hlo_sha1"], case

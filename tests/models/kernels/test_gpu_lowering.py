@@ -12,8 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from models.kernels import pallas_gpu, pallas_matmul, pallas_write, reference
+from models import ModelConfig, random_model
+from models.kernels import pallas_gpu, pallas_matmul, pallas_norm, pallas_write, reference
+from models.kv_cache import allocate_kv_cache
 from tests.models.kernels.test_pallas import random_step
 
 H100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda")
@@ -71,3 +74,27 @@ def test_fused_matmul_lowers(prologue):
              "residual": {"residual": jnp.zeros((rows, n), jnp.bfloat16)}}[prologue]
     fn = functools.partial(pallas_matmul.fused_matmul, swiglu=prologue == "swiglu")
     assert "triton" in lower_for_h100(lambda x, w, extra: fn(x, w, **extra), x, w, extra)
+
+
+def test_add_rms_norm_lowers():
+    x = jnp.zeros((16, 576), jnp.bfloat16)  # a width that is not a power of two
+    assert "triton" in lower_for_h100(lambda x, w: pallas_norm.add_rms_norm(x, x, w, 1e-5), x, jnp.ones(576, x.dtype))
+
+
+def test_model_step_lowers_with_the_gpu_kernels():
+    """A whole decode step of a tiny model on the "pallas" backend: the add + norm, the fused RoPE/write
+    and the attention kernels all reach the lowered step (head_dim 32: the write kernel's smallest)."""
+    cfg = ModelConfig.tiny(head_dim=32)
+    model = random_model(cfg, jnp.bfloat16)
+    model.attention_backend = "pallas"
+    graphdef, state = nnx.split(model)
+    meta, _, _, t = attention_inputs([1, 1, 1])
+    cache = allocate_kv_cache(cfg, PAGES, PAGE, jnp.bfloat16)
+
+    def step(state, tokens, cache, meta):
+        hidden, cache = nnx.merge(graphdef, state)(tokens, cache, meta)
+        return hidden, cache
+
+    text = lower_for_h100(step, state, jnp.zeros(t, jnp.int32), cache, meta)
+    for kernel in ("add_rms_norm", "rope_and_write", "paged_attention"):
+        assert kernel in text, kernel
