@@ -8,28 +8,25 @@ Cases: 1 decode row in the 16-token bucket at context 256 and 1024, and 192 rows
 fresh trace (the jit caches are cleared) and its own compile; the step donates the cache, as the
 engine's does. Reported per case: the median and minimum of 15 timings of 10 steps, the compile
 time, the kernel-launching instructions of the optimized HLO by kind (`fusion(` counts nested
-computations too: compare it between variants, not with a profile) and a hash of that HLO.
+computations too: compare it between variants, not with a profile), a hash of that HLO, and how
+far the logits of one step from a zeroed cache are from the first variant's.
 
 Variants change one thing against `base` (the code as it is):
 
+- `normscale`: RMSNorm as a row scale on the product, (x * gain) @ w * rsqrt(mean(x^2) + eps),
+  to let XLA take the norm into the GEMM's prologue and epilogue;
 - `swiglu_exp`: SwiGLU as g * u / (1 + exp(-g)), a form XLA's GEMM prologue could take;
+- `both`: the two together;
 - `split1` to `split16`: decode attention with that many context splits instead of the GPU-filling
   rule; `kv16`, `kv32`, `kv128`: its context block; `warps2`, `warps8`, `stages2`, `stages4`: its
   warps and pipeline stages (the decode `KernelConfig` otherwise as it is);
-- `xla_norm`: the residual add and RMSNorm as jnp ops for XLA to fuse (two kernels), not the
-  one-kernel `pallas_norm.add_rms_norm`;
-- `fresh`: the step marked one token a row (as fused decode calls mark theirs), so RoPE and the
-  KV write run inside the attention kernel (`models.attention.write_and_attend`); every
-  variant's first step from a zeroed cache is compared with the first variant's (logits);
 - `cublas`, `warpspec`, `exhaustive`: XLA options of the compile (cuBLAS for every GEMM, Triton
   warp specialization, the exhaustive Triton tiling search).
 
 XLA keeps its autotuning results for the life of the process, so a variant that only changes
 autotuning (`exhaustive`) must run in a process of its own to mean anything; the order of
 variants in one process also shows as drift of about 1%: run `base` again at the end. Variants
-combine with `+` (`fresh+split8`): their changes merged, later ones winning. (The RMSNorm
-written as a row scale on the product, measured in `results/step-variants_h100/call1`, left
-with the norm's move out of the projections into `pallas_norm`.)
+combine with `+` (`swiglu_exp+split8`): their changes merged, later ones winning.
 """
 
 import dataclasses
@@ -51,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 from benchmarks.common import environment, write_json
 from models import ModelConfig, random_model
 from models.attention import AttentionMetadata
-from models.kernels import pallas_gpu, pallas_norm, reference
+from models.kernels import pallas_gpu, reference
 from models.kv_cache import allocate_kv_cache
 from sharding import Placement, make_mesh
 
@@ -60,13 +57,25 @@ TABLE_WIDTH = 128  # block-table width, as the engine's at max_model_len 2048
 CASES = ((1, 16, 256), (1, 16, 1024), (192, 192, 1024))  # (rows, token bucket, context)
 SMOKE = bool(os.environ.get("BENCH_SMOKE"))  # the tiny preset on the CPU: checks the script only
 FUSED_MATMUL = reference.fused_matmul  # the projections' op as written (the "xla" backend runs it)
-ADD_NORM = pallas_norm.add_rms_norm  # the "pallas" backend's residual add + RMSNorm
 
 
-def swiglu_exp(x, w, *, norm_weight=None, eps=1e-6, swiglu=False, bias=None, residual=None):
-    """`reference.fused_matmul` with SwiGLU written with exp only."""
+def norm_scale(x, w, *, norm_weight=None, eps=1e-6, swiglu=False, bias=None, residual=None):
+    """`reference.fused_matmul` with the RMSNorm as a row scale on the product."""
+    if norm_weight is None:
+        return FUSED_MATMUL(x, w, eps=eps, swiglu=swiglu, bias=bias, residual=residual)
+    x32 = x.astype(jnp.float32)
+    r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)  # (T, 1)
+    out = jnp.tensordot(x * norm_weight, w, axes=1, preferred_element_type=jnp.float32)
+    out = (out * r.reshape(r.shape + (1,) * (out.ndim - 2))).astype(x.dtype)
+    out = out if bias is None else out + bias
+    return out if residual is None else residual + out
+
+
+def swiglu_exp(x, w, *, norm_weight=None, eps=1e-6, swiglu=False, bias=None, residual=None,
+               inner=FUSED_MATMUL):
+    """`inner` with SwiGLU written with exp only."""
     if not swiglu:
-        return FUSED_MATMUL(x, w, norm_weight=norm_weight, eps=eps, bias=bias, residual=residual)
+        return inner(x, w, norm_weight=norm_weight, eps=eps, bias=bias, residual=residual)
     g, u = x[:, 0].astype(jnp.float32), x[:, 1].astype(jnp.float32)
     h = (g * u / (1.0 + jnp.exp(-g))).astype(x.dtype)
     return FUSED_MATMUL(h, w, bias=bias, residual=residual)
@@ -74,9 +83,9 @@ def swiglu_exp(x, w, *, norm_weight=None, eps=1e-6, swiglu=False, bias=None, res
 
 VARIANTS = {
     "base": {},
+    "normscale": {"matmul": norm_scale},
     "swiglu_exp": {"matmul": swiglu_exp},
-    "fresh": {"one_token_per_row": True},
-    "xla_norm": {"norm": reference.add_rms_norm},
+    "both": {"matmul": functools.partial(swiglu_exp, inner=norm_scale)},
     **{f"split{n}": {"decode": {"num_splits": n}} for n in (1, 2, 4, 6, 8, 16)},
     **{f"kv{n}": {"decode": {"block_kv": n}} for n in (16, 32, 128)},
     "warps2": {"decode": {"num_warps": 2}},
@@ -144,9 +153,9 @@ def main() -> None:
     graphdef, state = nnx.split(model)
     result = {**environment(), "cases": [list(c) for c in CASES], "variants": {}}
 
-    def step(state, tokens, cache, fields, one_token_per_row=False):
+    def step(state, tokens, cache, fields):
         m = nnx.merge(graphdef, state)
-        hidden, cache = m(tokens, cache, AttentionMetadata(**fields, one_token_per_row=one_token_per_row))
+        hidden, cache = m(tokens, cache, AttentionMetadata(**fields))
         return m.logits(hidden[:1]), cache
 
     first_logits = {}  # case -> the first variant's logits of one step from a zeroed cache
@@ -156,8 +165,7 @@ def main() -> None:
         for rows, bucket, ctx in CASES:
             fields, tokens = metadata(rows, bucket, ctx), jnp.zeros(bucket, jnp.int32)
             start = time.perf_counter()
-            fn = functools.partial(step, one_token_per_row=variant.get("one_token_per_row", False))
-            lowered = jax.jit(fn, donate_argnums=(2,)).lower(state, tokens, cache, fields)
+            lowered = jax.jit(step, donate_argnums=(2,)).lower(state, tokens, cache, fields)
             compiled = lowered.compile(None if SMOKE else variant.get("options"))
             compile_s = time.perf_counter() - start
             key = f"rows{rows}_bucket{bucket}_ctx{ctx}"
@@ -191,7 +199,6 @@ def main() -> None:
         variant = combined(name)
         reference.fused_matmul = variant.get("matmul", FUSED_MATMUL)  # what models.projection calls
         pallas_gpu.DECODE = dataclasses.replace(default_decode, **variant.get("decode", {}))
-        pallas_norm.add_rms_norm = variant.get("norm", ADD_NORM)
         res = {}
         try:
             run(variant, res)
@@ -199,7 +206,7 @@ def main() -> None:
             res["error"] = repr(e)[:500]
             print(name, "failed:", res["error"], flush=True)
             cache = zeroed_cache()
-        reference.fused_matmul, pallas_gpu.DECODE, pallas_norm.add_rms_norm = FUSED_MATMUL, default_decode, ADD_NORM
+        reference.fused_matmul, pallas_gpu.DECODE = FUSED_MATMUL, default_decode
         result["variants"][name if name not in result["variants"] else f"{name} ({i + 1})"] = res  # a rerun keeps both
         write_json(out_path, result)
 

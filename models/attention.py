@@ -42,10 +42,6 @@ class AttentionMetadata:
     block_tables: Int[Array, "B P"]  # page ids of each sequence's context, in order; unused entries 0
     seq_lens: Int[Array, " B"]  # context length of each sequence once this step's tokens are written
     query_start_loc: Int[Array, " B1"]  # B + 1 offsets: tokens of row b are [qsl[b], qsl[b+1])
-    # Static: every row has at most one token (a decode step), so RoPE and the KV write may run
-    # inside the attention kernel (no row's query reads another program's new K/V). Nothing sets
-    # it yet: benchmarks/NOTES-attention.md, v6.
-    one_token_per_row: bool = struct.field(pytree_node=False, default=False)
 
 
 def rope_and_write(
@@ -69,24 +65,6 @@ def rope_and_write(
     if backend == "pallas":
         return pallas_write.rope_and_write(*args)
     raise ValueError(f"unknown attention backend {backend!r}; known: 'reference', 'pallas' (GPU)")
-
-
-def write_and_attend(
-    qkv: Float[Array, "T K G2 D"],
-    k_pages: KVPages,
-    v_pages: KVPages,
-    meta: AttentionMetadata,
-    rope: tuple[Float[Array, "T D2"], Float[Array, "T D2"]],
-    *,
-    scale: float,
-    backend: str = "reference",
-) -> tuple[Float[Array, "T H D"], KVPages, KVPages]:
-    """`rope_and_write`, then `paged_attention` of the rotated q: (out, k_pages, v_pages). On the
-    "pallas" backend a step of one token a row does both in one kernel launch."""
-    if backend == "pallas" and meta.one_token_per_row and pallas_gpu.supports_fresh(qkv, k_pages):
-        return pallas_gpu.write_and_attend(qkv, k_pages, v_pages, meta, rope, scale=scale)
-    q, k_pages, v_pages = rope_and_write(qkv, k_pages, v_pages, meta, rope, backend=backend)
-    return paged_attention(q, k_pages, v_pages, meta, scale=scale, backend=backend), k_pages, v_pages
 
 
 def paged_attention(

@@ -1,22 +1,14 @@
 """Layers shared by every model family: RMSNorm, the SwiGLU MLP, the attention block (RoPE in it).
 
-The MLP and attention blocks are pre-norm residual blocks, written as blocks that
-take the normalised stream h and return their output; the residual add belongs to
-the norm in front of the next block, which takes the stream and the last block's
-output and returns both the sum and its norm (one kernel on the GPU):
-
-    x, h = norm(x, delta)      # x += delta; h = rmsnorm(x)
-    delta = block(h)
-
-Their weight products go through `models.projection.project`, which folds SwiGLU
-and the biases into the products when its backend can.
+The MLP and attention blocks are pre-norm residual blocks: each takes the residual
+stream x and the norm in front of it and returns x + block(norm(x)). Their weight
+products go through `models.projection.project`, which folds the norm, SwiGLU, the
+biases and the residual add into the products when its backend can.
 
 Every weight is an `nnx.Param` carrying `logical_axes` (names such as "embed",
 "heads", "mlp", "vocab"); `sharding/` maps those names to mesh axes. Shape letters:
 T tokens in the step, E hidden, H query heads, K KV heads, D head dim, F FFN, V vocab.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +16,9 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from models.attention import AttentionMetadata, KVPages
-from models.kernels import pallas_norm, reference
+from models.kernels.reference import rms_norm
 from models.projection import project
 from models.sharded_attention import write_and_attend
-from sharding.rules import logical_to_spec
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, std: float | None = None) -> nnx.Param:
@@ -46,28 +37,18 @@ def zeros(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.Pa
 
 
 class RMSNorm(nnx.Module):
-    """The residual add and the RMSNorm after it: (x + delta, rmsnorm(x + delta)); `backend` "pallas"
-    runs them as one kernel (`models/kernels/pallas_norm.py`), per data shard on a mesh."""
-
     def __init__(self, dim: int, eps: float, dtype):
         self.weight = ones((dim,), ("embed",), dtype)
         self.eps = eps
 
-    def __call__(
-        self, x: Float[Array, "T E"], delta: Float[Array, "T E"], backend: str = "reference", mesh=None
-    ) -> tuple[Float[Array, "T E"], Float[Array, "T E"]]:
-        if backend != "pallas":
-            return reference.add_rms_norm(x, delta, self.weight[...], self.eps)
-        op = functools.partial(pallas_norm.add_rms_norm, eps=self.eps)
-        if mesh is None:
-            return op(x, delta, self.weight[...])
-        rows, weight = logical_to_spec(("batch", "embed")), logical_to_spec(("embed",))
-        return jax.shard_map(op, mesh=mesh, in_specs=(rows, rows, weight), out_specs=(rows, rows),
-                             check_vma=False)(x, delta, self.weight[...])  # check_vma: a pallas_call has no types
+    def __call__(self, x: Float[Array, "T E"]) -> Float[Array, "T E"]:
+        return rms_norm(x, self.weight[...], self.eps)
 
 
-def _project(x, w: nnx.Param, bias: nnx.Param | None, matmul: str, mesh, **kw):
-    """`project` with a weight's logical axes and its optional bias."""
+def _project(x, w: nnx.Param, bias: nnx.Param | None, matmul: str, mesh, norm: RMSNorm | None = None, **kw):
+    """`project` with a weight's logical axes, its optional bias, and the norm before it."""
+    if norm is not None:
+        kw |= {"norm_weight": norm.weight[...], "eps": norm.eps}
     return project(x, w[...], w.get_metadata()["logical_axes"], backend=matmul, mesh=mesh,
                    bias=None if bias is None else bias[...], **kw)
 
@@ -81,10 +62,10 @@ class MLP(nnx.Module):
         self.gate_up_bias = zeros((2, ffn), (None, "mlp"), dtype) if bias else None
         self.down_bias = zeros((hidden,), ("embed",), dtype) if bias else None
 
-    def __call__(self, h: Float[Array, "T E"], matmul: str = "xla", mesh=None) -> Float[Array, "T E"]:
-        """down(silu(gate(h)) * up(h)) of the normalised stream h."""
-        gu = _project(h, self.gate_up, self.gate_up_bias, matmul, mesh)  # (T, 2, F)
-        return _project(gu, self.down, self.down_bias, matmul, mesh, swiglu=True)
+    def __call__(self, x: Float[Array, "T E"], norm: RMSNorm, matmul: str = "xla", mesh=None) -> Float[Array, "T E"]:
+        """x + down(silu(gate(n)) * up(n)), n = norm(x)."""
+        gu = _project(x, self.gate_up, self.gate_up_bias, matmul, mesh, norm)  # (T, 2, F)
+        return _project(gu, self.down, self.down_bias, matmul, mesh, swiglu=True, residual=x)
 
 
 class Attention(nnx.Module):
@@ -104,7 +85,8 @@ class Attention(nnx.Module):
 
     def __call__(
         self,
-        h: Float[Array, "T E"],
+        x: Float[Array, "T E"],
+        norm: RMSNorm,
         k_pages: KVPages,
         v_pages: KVPages,
         meta: AttentionMetadata,
@@ -113,10 +95,10 @@ class Attention(nnx.Module):
         mesh: jax.sharding.Mesh | None = None,
         matmul: str = "xla",
     ) -> tuple[Float[Array, "T E"], KVPages, KVPages]:
-        """o(attention(qkv(h))) of the normalised stream h, and the pages with this step's K/V written;
-        `backend` picks the attention op, `matmul` the projections'."""
-        qkv = _project(h, self.qkv, self.qkv_bias, matmul, mesh)  # (T, K, G + 2, D)
+        """x + o(attention(qkv(norm(x)))), and the pages with this step's K/V written; `backend`
+        picks the attention op, `matmul` the projections'."""
+        qkv = _project(x, self.qkv, self.qkv_bias, matmul, mesh, norm)  # (T, K, G + 2, D)
         out, k_pages, v_pages = write_and_attend(  # (T, H, D)
             qkv, k_pages, v_pages, meta, rope, scale=self.scale, backend=backend, mesh=mesh
         )
-        return _project(out, self.o, self.o_bias, matmul, mesh), k_pages, v_pages
+        return _project(out, self.o, self.o_bias, matmul, mesh, residual=x), k_pages, v_pages

@@ -28,23 +28,20 @@ class DecoderLayer(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype, rngs, bias=cfg.mlp_bias)
 
-    def __call__(self, x, delta, k_pages, v_pages, meta, rope, backend, mesh, matmul):
-        """(x, delta): the residual stream and the last block's output, not yet added (models.layers)."""
+    def __call__(self, x, k_pages, v_pages, meta, rope, backend, mesh, matmul):
         with jax.named_scope("attention"):
-            x, h = self.input_norm(x, delta, backend, mesh)
-            delta, k_pages, v_pages = self.attn(h, k_pages, v_pages, meta, rope, backend, mesh, matmul)
+            x, k_pages, v_pages = self.attn(x, self.input_norm, k_pages, v_pages, meta, rope, backend, mesh, matmul)
         with jax.named_scope("mlp"):
-            x, h = self.post_attn_norm(x, delta, backend, mesh)
-            delta = self.mlp(h, matmul, mesh)
-        return x, delta, k_pages, v_pages
+            x = self.mlp(x, self.post_attn_norm, matmul, mesh)
+        return x, k_pages, v_pages
 
 
-@functools.partial(jax.jit, static_argnums=(0, 8, 9, 10))
-def _run_layer(graphdef, state, x, delta, k_pages, v_pages, meta, rope, backend, mesh, matmul):
+@functools.partial(jax.jit, static_argnums=(0, 7, 8, 9))
+def _run_layer(graphdef, state, x, k_pages, v_pages, meta, rope, backend, mesh, matmul):
     """One decoder layer as a nested jit: the layers share one graphdef and their inputs' shapes,
     so a step traces and lowers the layer once, not once per layer (XLA still inlines every
     call and fuses as before). This keeps warm-up time from growing with the depth in Python."""
-    return nnx.merge(graphdef, state)(x, delta, k_pages, v_pages, meta, rope, backend, mesh, matmul)
+    return nnx.merge(graphdef, state)(x, k_pages, v_pages, meta, rope, backend, mesh, matmul)
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -58,7 +55,7 @@ class LlamaForCausalLM(nnx.Module):
             else param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
         )
         self.inv_freq = nnx.Variable(jnp.asarray(cfg.rope_inv_freq()))  # a constant, not a Param
-        self.attention_backend = "reference"  # the kernels of the step: attention, and the add + norm (models.layers)
+        self.attention_backend = "reference"
         self.matmul_backend = "xla"  # the projections' op (models.projection)
         self.mesh = None  # the device mesh being served on: attention then runs per shard (models.sharded_attention)
 
@@ -66,15 +63,14 @@ class LlamaForCausalLM(nnx.Module):
         self, tokens: Int[Array, " T"], kv_cache: KVCache, meta: AttentionMetadata
     ) -> tuple[Float[Array, "T E"], KVCache]:
         x = self.embed[...][tokens]
-        delta = jnp.zeros_like(x)  # every layer adds the last one's output first; the first adds zeros
         rope = rope_tables(meta.positions, self.inv_freq[...])  # one table for every layer
         new_cache = []
         for layer, (k_pages, v_pages) in zip(self.layers, kv_cache, strict=True):
             graphdef, state = nnx.split(layer)
-            x, delta, k_pages, v_pages = _run_layer(graphdef, state, x, delta, k_pages, v_pages, meta, rope,
-                                                    self.attention_backend, self.mesh, self.matmul_backend)
+            x, k_pages, v_pages = _run_layer(graphdef, state, x, k_pages, v_pages, meta, rope,
+                                             self.attention_backend, self.mesh, self.matmul_backend)
             new_cache.append((k_pages, v_pages))
-        return self.norm(x, delta, self.attention_backend, self.mesh)[1], new_cache
+        return self.norm(x), new_cache
 
     def logits(self, hidden: Float[Array, "B E"]) -> Float[Array, "B V"]:
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]

@@ -16,13 +16,10 @@ a pod. Query heads sit with their KV heads because H/tp = (K/tp) * G
 (sharding.heads pads the heads when tp does not divide K).
 """
 
-import functools
-
 import jax
 from jax.sharding import Mesh
 
-from models.attention import AttentionMetadata, KVPages
-from models.attention import write_and_attend as attend_locally
+from models.attention import AttentionMetadata, KVPages, paged_attention, rope_and_write
 from models.kv_cache import CACHE_AXES
 from sharding.rules import logical_to_spec
 
@@ -42,7 +39,11 @@ def write_and_attend(
 
     Returns the attention output (T, H, D) and the updated K and V pages.
     """
-    local = functools.partial(attend_locally, scale=scale, backend=backend)
+
+    def local(qkv, k_pages, v_pages, meta, rope):
+        q, k_pages, v_pages = rope_and_write(qkv, k_pages, v_pages, meta, rope, backend=backend)
+        return paged_attention(q, k_pages, v_pages, meta, scale=scale, backend=backend), k_pages, v_pages
+
     if mesh is None:
         return local(qkv, k_pages, v_pages, meta, rope)
     q_spec = logical_to_spec(("batch", "heads", None))

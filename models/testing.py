@@ -1,7 +1,5 @@
 """Helpers for tests and notebooks: run one sequence through the paged path and get all its logits."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,5 +38,5 @@ def forward_dense(model, token_ids, page_size: int = 16) -> np.ndarray:
         hidden, _ = model(tokens, cache, AttentionMetadata(**fields))  # built inside: jit only sees arrays
         return model.logits(hidden)
 
-    fields = {f.name: getattr(meta, f.name) for f in dataclasses.fields(meta) if f.metadata.get("pytree_node", True)}
+    fields = {k: getattr(meta, k) for k in meta.__dataclass_fields__}
     return np.asarray(jax.device_get(run(model, jnp.asarray(tokens), cache, fields)), dtype=np.float32)

@@ -26,14 +26,6 @@ independent:
 Context blocks that every row of a tile sees whole run without masks; only the
 blocks at the causal diagonal and at the ragged end are masked.
 
-A step of at most one token a row (a fused decode call's) may hand the kernel the
-projection's qkv instead of q (`write_and_attend`): each program rotates its q rows
-itself, the split that holds the new token's block rotates its K and writes K and V
-to their slot, and that block takes the new K/V from qkv rather than from the slot,
-which no program waits for. That is `pallas_write.rope_and_write`'s work without its
-launch, one fewer kernel a layer. Nothing marks steps that way yet: its first version
-measured slower on an H100 (benchmarks/NOTES-attention.md, v6).
-
 The query-block schedule (row, first token, end) is derived on device from
 query_start_loc and padded to a static count, so the runner's metadata is all the
 kernel needs. Tokens no row covers (the runner's padding) output zeros, and so do
@@ -107,19 +99,6 @@ def _kernel(*refs, tile_rows: int, short_rows: int | None, group_pad: int, **sta
     pl.when(jnp.logical_not(short))(lambda: attend(tile_rows=tile_rows))
 
 
-def _rotated(x_at, tok, mask, *, cos_ref, sin_ref, d: int):
-    """RoPE (rotate-half) of the rows `x_at(columns)` of tokens `tok`, in float32, as
-    reference.apply_rope: x * cos + swap_halves(x) * (-sin | +sin), the halves swapped by address."""
-    half = d // 2
-    col = jnp.arange(d)[None, :]
-    angle = (tok[:, None], col & (half - 1))
-    x = plgpu.load(x_at(col), mask=mask, other=0.0).astype(jnp.float32)
-    swapped = plgpu.load(x_at(col ^ half), mask=mask, other=0.0).astype(jnp.float32)
-    cos = plgpu.load(cos_ref.at[angle], mask=mask, other=0.0)
-    sin = plgpu.load(sin_ref.at[angle], mask=mask, other=0.0)
-    return x * cos + swapped * jnp.where(col < half, -sin, sin)
-
-
 def _attend(
     q_ref,  # (T, H, D)
     k_ref,  # (KV, N * S, D): the pages seen as rows
@@ -130,8 +109,7 @@ def _attend(
     blk_row_ref,  # (NQ,) row of each query block
     blk_lo_ref,  # (NQ,) its first token
     blk_hi_ref,  # (NQ,) one past its last token (== lo for unused blocks)
-    *refs,  # [fresh: cos, sin (T, D/2), slots (T,)], then the outputs: unsplit: zeros (T, H, D) aliased
-    # to o (T, H, D); split: o (S, T, H, D), m, l (S, T, H), f32; [fresh: K and V pages, aliased to k_ref, v_ref]
+    *out_refs,  # unsplit: zeros (T, H, D) aliased to o (T, H, D); split: o (S, T, H, D), m, l (S, T, H), f32
     ids: tuple,  # the program's (query block, KV head, split)
     tile_rows: int,
     group: int,
@@ -140,15 +118,9 @@ def _attend(
     block_kv: int,
     num_splits: int,
     scale_log2: float,
-    fresh: bool,  # q_ref is the projection's qkv (T, K, G + 2, D) of a step of one token a row
 ):
     blk, kv, split = ids
     d = q_ref.shape[-1]
-    if fresh:
-        cos_ref, sin_ref, slot_ref, *refs = refs
-        *out_refs, k_out_ref, v_out_ref = refs
-    else:
-        out_refs = refs
 
     # 1. Tile row r is token lo + r // group_pad, query head r % group_pad of this KV head.
     row = blk_row_ref[blk]
@@ -163,17 +135,11 @@ def _attend(
     col = jnp.arange(d)[None, :]  # every load and store indexes with arrays (interpret mode needs that)
     q_at = (tok[:, None], heads[:, None], col)
     row_mask = jnp.broadcast_to(row_ok[:, None], (tile_rows, d))
-    if fresh:  # rounded to the projection's dtype once rotated, as rope_and_write stores it
-        rotated = functools.partial(_rotated, cos_ref=cos_ref, sin_ref=sin_ref, d=d)
-        q = rotated(lambda c: q_ref.at[tok[:, None], kv, g[:, None], c], tok, row_mask).astype(q_ref.dtype)
-    else:
-        q = plgpu.load(q_ref.at[q_at], mask=row_mask, other=0.0)
-    q = q.astype(k_ref.dtype)
+    q = plgpu.load(q_ref.at[q_at], mask=row_mask, other=0.0).astype(k_ref.dtype)
     pos = plgpu.load(pos_ref.at[tok], mask=row_ok, other=-1)  # -1: sees nothing
 
     # 2. The block sees context 0..max(pos), never past seq_len; this split takes a share.
-    # Blocks before `n_full` are visible to every live row: those skip all masking. Fresh, the
-    # block holding the new token runs masked too: its K and V come from q_ref, not the pages.
+    # Blocks before `n_full` are visible to every live row: those skip all masking.
     seq_len = lens_ref[row]
     ctx_len = jnp.minimum(seq_len, jnp.max(pos) + 1)
     n_blocks = pl.cdiv(ctx_len, block_kv)
@@ -181,21 +147,8 @@ def _attend(
     first = split * per_split
     last = jnp.minimum(first + per_split, n_blocks)
     min_pos = jnp.min(jnp.where(row_ok, pos, jnp.iinfo(jnp.int32).max - 1))
-    n_full = jnp.minimum(seq_len, min_pos + (0 if fresh else 1)) // block_kv
+    n_full = jnp.minimum(seq_len, min_pos + 1) // block_kv
     mid = jnp.clip(n_full, first, last)
-    if fresh:  # the block's one token: its K (rotated) and V as (1, D); the split holding its block writes them
-        one = jnp.zeros((1,), jnp.int32) + lo
-        has = jnp.broadcast_to(lo < hi, (1, d))
-        k_new = rotated(lambda c: q_ref.at[one[:, None], kv, group, c], one, has).astype(q_ref.dtype)
-        v_new = plgpu.load(q_ref.at[one[:, None], kv, group + 1, col], mask=has, other=0.0)
-        owner = (first <= min_pos // block_kv) & (min_pos // block_kv < last)
-        writes = (one < hi) & owner  # (1,): Triton lowers no slice, so the (1, D) mask is built from it
-        slot = plgpu.load(slot_ref.at[one], mask=writes, other=0)
-        slot = jnp.where(writes, slot, k_out_ref.shape[1])  # masked: out of range
-        row_writes = jnp.broadcast_to(writes[:, None], (1, d))
-        plgpu.store(k_out_ref.at[kv, slot[:, None], col], k_new.astype(k_out_ref.dtype), mask=row_writes)
-        plgpu.store(v_out_ref.at[kv, slot[:, None], col], v_new.astype(v_out_ref.dtype), mask=row_writes)
-        k_new, v_new = k_new.astype(k_ref.dtype).astype(jnp.float32), v_new.astype(v_ref.dtype).astype(jnp.float32)
 
     # 3. Stream the context; K/V row of position c is page(c) * page_size + c % page_size.
     page_shift = page_size.bit_length() - 1
@@ -206,18 +159,11 @@ def _attend(
         live = ctx < ctx_len
         row_opts = dict(mask=live, other=0) if masked else {}
         kv_opts = dict(mask=jnp.broadcast_to(live[:, None], (block_kv, d)), other=0.0) if masked else {}
-        v_opts = kv_opts
-        if fresh and masked:  # the slot of the block's token: not written yet, as far as this program knows
-            is_new = ctx == min_pos
-            v_opts = dict(mask=jnp.broadcast_to((live & ~is_new)[:, None], (block_kv, d)), other=0.0)
         page = plgpu.load(bt_ref.at[row, lax.shift_right_logical(ctx, page_shift)], **row_opts)
         kv_rows = page * page_size + (ctx & (page_size - 1))
         k = plgpu.load(k_ref.at[kv, kv_rows[:, None], col], **kv_opts)  # (BK, D)
-        v = plgpu.load(v_ref.at[kv, kv_rows[:, None], col], **v_opts)
+        v = plgpu.load(v_ref.at[kv, kv_rows[:, None], col], **kv_opts)
         s = plgpu.dot(q, k, trans_b=True) * scale_log2  # (R, BK), log2 units
-        if fresh and masked:  # the new token's score from k_new (its V row was loaded as zeros)
-            s_new = jnp.sum(q.astype(jnp.float32) * k_new, axis=1) * scale_log2
-            s = jnp.where(is_new[None, :], s_new[:, None], s)
         if masked:
             s = jnp.where((ctx[None, :] <= pos[:, None]) & live[None, :], s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
@@ -225,9 +171,6 @@ def _attend(
         p = jnp.exp2(s - m_new[:, None])
         l = l * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
-        if fresh and masked:
-            p_new = jnp.sum(jnp.where(is_new[None, :], p.astype(v.dtype).astype(jnp.float32), 0.0), axis=1)
-            acc = acc + p_new[:, None] * v_new
         return acc, m_new, l
 
     init = (
@@ -287,7 +230,7 @@ def _tile(config: KernelConfig, group: int) -> tuple[int, int, int]:
 
 
 def paged_attention_kernel(
-    q: Float[Array, "T ..."],  # (T, H, D), or with `rope` the projection's qkv (T, K, G + 2, D)
+    q: Float[Array, "T H D"],
     k_pages: Float[Array, "KV N S D"],
     v_pages: Float[Array, "KV N S D"],
     meta,
@@ -295,24 +238,14 @@ def paged_attention_kernel(
     scale: float,
     config: KernelConfig,
     interpret: bool = False,
-    rope: tuple[Float[Array, "T D2"], Float[Array, "T D2"]] | None = None,
-):
-    """One launch under an explicit configuration (the benchmark sweeps these).
-
-    With `rope` (the step's cos and sin), `q` is the projection's qkv (T, K, G + 2, D) of a step
-    of at most one token a row: the kernel rotates q and k, writes k and v to their slots and
-    returns (out, k_pages, v_pages), the work of `pallas_write.rope_and_write` in this launch."""
-    fresh = rope is not None
-    if fresh:
-        t, kv_heads, g2, d = q.shape
-        h = kv_heads * (g2 - 2)
-    else:
-        t, h, d = q.shape
+) -> Float[Array, "T H D"]:
+    """One launch under an explicit configuration (the benchmark sweeps these)."""
+    t, h, d = q.shape
     kv_heads, n_pages, page_size, _ = k_pages.shape
     group = h // kv_heads
     tile_rows, group_pad, block_q = _tile(config, group)
     qsl = meta.query_start_loc
-    blk_row, blk_lo, blk_hi = query_block_schedule(qsl, t, 1 if fresh else block_q)
+    blk_row, blk_lo, blk_hi = query_block_schedule(qsl, t, block_q)
     num_blocks = blk_row.shape[0]
     max_ctx = meta.block_tables.shape[1] * page_size
     splits = config.num_splits or num_splits_for(num_blocks * kv_heads, max_ctx, config.block_kv)
@@ -328,57 +261,43 @@ def paged_attention_kernel(
         block_kv=config.block_kv,
         num_splits=splits,
         scale_log2=scale * LOG2E,
-        fresh=fresh,
     )
-    pages_shape = jax.ShapeDtypeStruct((kv_heads, n_pages * page_size, d), k_pages.dtype)
     args = (
         q,
-        k_pages.reshape(pages_shape.shape),
-        v_pages.reshape(pages_shape.shape),
+        k_pages.reshape(kv_heads, n_pages * page_size, d),
+        v_pages.reshape(kv_heads, n_pages * page_size, d),
         meta.block_tables,
         meta.seq_lens,
         meta.positions,
         blk_row,
         blk_lo,
         blk_hi,
-        *((*rope, meta.slot_mapping) if fresh else ()),
     )
-    if splits == 1:  # tokens no block covers keep the zeros
-        args += (jnp.zeros((t, h, d), q.dtype),)
-        out_shape = (jax.ShapeDtypeStruct((t, h, d), q.dtype),)
-        aliases = {len(args) - 1: 0}
-    else:
-        out_shape = (
-            jax.ShapeDtypeStruct((splits, t, h, d), jnp.float32),
-            jax.ShapeDtypeStruct((splits, t, h), jnp.float32),
-            jax.ShapeDtypeStruct((splits, t, h), jnp.float32),
-        )
-        aliases = {}
-    if fresh:  # the pages, written in place
-        aliases |= {1: len(out_shape), 2: len(out_shape) + 1}
-        out_shape += (pages_shape, pages_shape)
-    outs = pl.pallas_call(
+    call = functools.partial(
+        pl.pallas_call,
         kernel,
         grid=(num_blocks, kv_heads, splits),
-        out_shape=out_shape,
-        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
-        name=f"paged_attention{'_rope_write' if fresh else ''}_r{tile_rows}_k{config.block_kv}_s{splits}",
-    )(*args)
+        name=f"paged_attention_r{tile_rows}_k{config.block_kv}_s{splits}",
+    )
     if splits == 1:
-        out = outs[0]
-    else:
-        o, m, l = outs[:3]  # (S, T, H, D), (S, T, H), (S, T, H)
-        weight = jnp.exp2(m - jnp.max(m, axis=0))  # 0 for empty splits unless all are
-        total = jnp.sum(l * weight, axis=0)
-        out = jnp.sum(o * weight[..., None], axis=0) / jnp.maximum(total, 1e-30)[..., None]
-        token = jnp.arange(t)
-        covered = (token >= qsl[0]) & (token < qsl[-1])  # the rest were never written
-        out = jnp.where(covered[:, None, None], out, 0.0).astype(q.dtype)
-    if not fresh:
-        return out
-    return out, outs[-2].reshape(k_pages.shape), outs[-1].reshape(v_pages.shape)
+        zeros = jnp.zeros((t, h, d), q.dtype)  # tokens no block covers keep these
+        out_shape = jax.ShapeDtypeStruct((t, h, d), q.dtype)
+        return call(out_shape=out_shape, input_output_aliases={len(args): 0})(*args, zeros)
+
+    out_shape = (
+        jax.ShapeDtypeStruct((splits, t, h, d), jnp.float32),
+        jax.ShapeDtypeStruct((splits, t, h), jnp.float32),
+        jax.ShapeDtypeStruct((splits, t, h), jnp.float32),
+    )
+    o, m, l = call(out_shape=out_shape)(*args)  # (S, T, H, D), (S, T, H), (S, T, H)
+    weight = jnp.exp2(m - jnp.max(m, axis=0))  # 0 for empty splits unless all are
+    total = jnp.sum(l * weight, axis=0)
+    out = jnp.sum(o * weight[..., None], axis=0) / jnp.maximum(total, 1e-30)[..., None]
+    token = jnp.arange(t)
+    covered = (token >= qsl[0]) & (token < qsl[-1])  # the rest were never written
+    return jnp.where(covered[:, None, None], out, 0.0).astype(q.dtype)
 
 
 def paged_attention(
@@ -395,26 +314,3 @@ def paged_attention(
         return reference.paged_attention(q, k_pages, v_pages, meta, scale=scale)
     config = DECODE if q.shape[0] <= meta.seq_lens.shape[0] else PREFILL
     return paged_attention_kernel(q, k_pages, v_pages, meta, scale=scale, config=config, interpret=interpret)
-
-
-def supports_fresh(qkv: Float[Array, "T K G2 D"], k_pages: Float[Array, "KV N S D"]) -> bool:
-    """Whether `write_and_attend` takes these shapes (else RoPE + write, then attention)."""
-    d = qkv.shape[-1]
-    kv_heads, _, page_size, _ = k_pages.shape
-    return is_pow2(d) and d >= 16 and is_pow2(page_size) and qkv.shape[1] == kv_heads
-
-
-def write_and_attend(
-    qkv: Float[Array, "T K G2 D"],
-    k_pages: Float[Array, "KV N S D"],
-    v_pages: Float[Array, "KV N S D"],
-    meta,
-    rope: tuple[Float[Array, "T D2"], Float[Array, "T D2"]],
-    *,
-    scale: float,
-    interpret: bool = False,
-):
-    """RoPE, the KV write and decode attention of a step of at most one token a row, in one launch:
-    (out (T, H, D), k_pages, v_pages). Saves a decode layer the `rope_and_write` launch."""
-    return paged_attention_kernel(qkv, k_pages, v_pages, meta, scale=scale, config=DECODE, interpret=interpret,
-                                  rope=rope)

@@ -1,6 +1,5 @@
 """Pure-jnp definitions every kernel is checked against: RoPE with the KV-cache write, paged
-attention, the residual add with the RMSNorm after it, and the projections with the work
-around them (`fused_matmul`).
+attention, and the projections with the work around them (`fused_matmul`).
 
 `rope_and_write` takes the fused q/k/v projection of a step, rotates q and k, and
 writes k and v into their cache slots. In `paged_attention` each token gathers its
@@ -22,14 +21,6 @@ def rms_norm(x: Float[Array, "T E"], weight: Float[Array, " E"], eps: float) -> 
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * x32.astype(x.dtype)
-
-
-def add_rms_norm(
-    x: Float[Array, "T E"], delta: Float[Array, "T E"], weight: Float[Array, " E"], eps: float
-) -> tuple[Float[Array, "T E"], Float[Array, "T E"]]:
-    """The residual stream after a block's output is added, and its RMSNorm: (x + delta, rms_norm(x + delta))."""
-    x = x + delta
-    return x, rms_norm(x, weight, eps)
 
 
 def fused_matmul(

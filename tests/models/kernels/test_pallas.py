@@ -6,7 +6,6 @@ over a cache whose every slot (the trash page too) holds random data, so reading
 past a row's context or through an unused block-table entry shows up as an error.
 """
 
-import dataclasses
 import functools
 import math
 
@@ -15,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import attention
 from models.attention import AttentionMetadata, attention_backend_for
 from models.kernels import pallas_gpu, reference
 
@@ -177,60 +175,3 @@ def test_unsupported_shapes_fall_back_to_the_reference():
 def test_backend_per_platform():
     assert attention_backend_for("gpu") == "pallas"
     assert attention_backend_for("cpu") == "reference"
-
-
-@pytest.mark.parametrize(
-    "heads, kv_heads, page_size, head_dim, contexts, splits, seed",
-    [
-        (32, 8, 16, 128, [127, 1000], None, 12),  # the 8B shape; the new token ends a 64-position block
-        (4, 4, 16, 32, [0, 5, 63, 64, 200], 1, 13),  # no split: every program writes its own row's K/V
-        (9, 3, 32, 32, [1, 63, 100], 3, 14),  # a group that is not a power of two, a split with no context
-    ],
-)
-def test_decode_with_rope_and_write_in_the_kernel(heads, kv_heads, page_size, head_dim, contexts, splits, seed):
-    """A step of one token a row (a fused decode call's): the kernel rotates q and k, writes k and v and
-    attends in one launch, as rope_and_write and then paged_attention do. The new token's own K/V must
-    come from the projection, not from its slot (which held random data before the step)."""
-    rng = np.random.default_rng(seed)
-    meta = random_step(rng, [(c, 1) for c in contexts], page_size=page_size, pad_tokens=2)
-    t, live = meta.positions.shape[0], int(meta.query_start_loc[-1])
-    pos, rows, tables = (np.asarray(a) for a in (meta.positions, meta.token_seq, meta.block_tables))
-    slots = np.where(np.arange(t) < live, tables[rows, pos // page_size] * page_size + pos % page_size,
-                     np.arange(t) % page_size)  # padding tokens write the trash page, as the runner's
-    meta = meta.replace(slot_mapping=jnp.asarray(slots, jnp.int32), one_token_per_row=True)
-    group = heads // kv_heads
-    keys = jax.random.split(jax.random.key(seed), 3)
-    n_pages = int(tables.max()) + 2
-    def draw(key, shape):
-        return jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16)
-
-    qkv = draw(keys[0], (t, kv_heads, group + 2, head_dim))
-    k_pages, v_pages = (draw(key, (kv_heads, n_pages, page_size, head_dim)) for key in keys[1:])
-    inv_freq = jnp.asarray(500000.0 ** (-np.arange(0, head_dim, 2) / head_dim), jnp.float32)
-    rope = reference.rope_tables(meta.positions, inv_freq)
-    scale = head_dim**-0.5
-    config = pallas_gpu.DECODE if splits is None else dataclasses.replace(pallas_gpu.DECODE, num_splits=splits)
-    kernel = functools.partial(pallas_gpu.paged_attention_kernel, scale=scale, config=config, interpret=True)
-    out, k_out, v_out = jax.jit(kernel)(qkv, k_pages, v_pages, meta, rope=rope)
-
-    q, ref_k, ref_v = reference.rope_and_write(qkv, k_pages, v_pages, meta.slot_mapping, *rope)
-    ref = reference.paged_attention(*(x.astype(jnp.float32) for x in (q, ref_k, ref_v)), meta, scale=scale)
-    assert out.shape == (t, heads, head_dim) and relative_error(out.astype(jnp.float32), ref) < 2e-2
-    assert (np.asarray(out)[live:] == 0).all()  # padding tokens
-    for got, want in ((k_out, ref_k), (v_out, ref_v)):  # page 0, the trash page, is nobody's
-        np.testing.assert_array_equal(np.asarray(got)[:, 1:], np.asarray(want)[:, 1:])
-
-
-def test_write_and_attend_fuses_only_steps_of_one_token_a_row(monkeypatch):
-    """models.attention.write_and_attend takes the one-launch kernel for steps marked one token a row."""
-    qkv, pages = jnp.zeros((4, 2, 6, 32)), jnp.zeros((2, 3, 16, 32))
-    fused, apart = jnp.full((4, 8, 32), 1.0), jnp.full((4, 8, 32), 2.0)  # what each path returns here
-    monkeypatch.setattr(pallas_gpu, "write_and_attend", lambda qkv, k, v, meta, rope, scale: (fused, k, v))
-    monkeypatch.setattr(attention, "rope_and_write", lambda qkv, k, v, meta, rope, backend: (apart, k, v))
-    monkeypatch.setattr(attention, "paged_attention", lambda q, k, v, meta, scale, backend: q)
-    meta = random_step(np.random.default_rng(0), [(3, 1), (9, 1)], page_size=16, pad_tokens=2)
-    rope = (jnp.zeros((4, 16)),) * 2
-    for one_token, backend, want in ((True, "pallas", fused), (False, "pallas", apart), (True, "reference", apart)):
-        step = meta.replace(one_token_per_row=one_token)
-        out, _, _ = attention.write_and_attend(qkv, pages, pages, step, rope, scale=1.0, backend=backend)
-        assert out is want, (one_token, backend)
