@@ -34,26 +34,32 @@ def write_and_attend(
     scale: float,
     backend: str,
     mesh: Mesh | None = None,
+    warm: tuple[jax.Array, tuple[str | None, ...]] | None = None,
 ):
     """Rotate q and k, write this step's K/V into the cache, then attend; per shard when `mesh` is given.
 
-    Returns the attention output (T, H, D) and the updated K and V pages.
+    `warm`: the weight the next projection reads and its logical axes (each device passes on
+    its own shard; see `models.attention.paged_attention`). Returns the attention output
+    (T, H, D) and the updated K and V pages.
     """
 
-    def local(qkv, k_pages, v_pages, meta, rope):
+    def local(qkv, k_pages, v_pages, meta, rope, weight):
         q, k_pages, v_pages = rope_and_write(qkv, k_pages, v_pages, meta, rope, backend=backend)
-        return paged_attention(q, k_pages, v_pages, meta, scale=scale, backend=backend), k_pages, v_pages
+        out = paged_attention(q, k_pages, v_pages, meta, scale=scale, backend=backend, warm=weight)
+        return out, k_pages, v_pages
 
+    weight, weight_axes = warm or (None, None)
     if mesh is None:
-        return local(qkv, k_pages, v_pages, meta, rope)
+        return local(qkv, k_pages, v_pages, meta, rope, weight)
     q_spec = logical_to_spec(("batch", "heads", None))
     qkv_spec = logical_to_spec(("batch", "kv_heads", None, None))
     cache_spec = logical_to_spec(CACHE_AXES)
     meta_spec = logical_to_spec(("batch",))  # a prefix: every field is split along its first axis
+    weight_spec = None if weight is None else logical_to_spec(weight_axes, weight.shape, mesh)
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(qkv_spec, cache_spec, cache_spec, meta_spec, meta_spec),
+        in_specs=(qkv_spec, cache_spec, cache_spec, meta_spec, meta_spec, weight_spec),
         out_specs=(q_spec, cache_spec, cache_spec),
         check_vma=False,  # kernels (pallas_call) carry no replication types
-    )(qkv, k_pages, v_pages, meta, rope)
+    )(qkv, k_pages, v_pages, meta, rope, weight)
