@@ -19,9 +19,7 @@ Variants change one thing against `base` (the code as it is):
 - `both`: the two together;
 - `split1` to `split16`: decode attention with that many context splits instead of the GPU-filling
   rule; `kv16`, `kv32`, `kv128`: its context block; `warps2`, `warps8`, `stages2`, `stages4`: its
-  warps and pipeline stages (the decode `KernelConfig` otherwise as it is); `warm0`, `warm64`,
-  `warm256`: that many programs of a split decode launch read the o projection's weight into L2
-  (`pallas_gpu.WARM_PROGRAMS`; 0: none);
+  warps and pipeline stages (the decode `KernelConfig` otherwise as it is);
 - `cublas`, `warpspec`, `exhaustive`: XLA options of the compile (cuBLAS for every GEMM, Triton
   warp specialization, the exhaustive Triton tiling search).
 
@@ -94,7 +92,6 @@ VARIANTS = {
     "warps8": {"decode": {"num_warps": 8}},
     "stages2": {"decode": {"num_stages": 2}},
     "stages4": {"decode": {"num_stages": 4}},
-    **{f"warm{n}": {"warm_programs": n} for n in (0, 64, 256)},
     "cublas": {"options": {"xla_gpu_enable_triton_gemm": False}},
     "warpspec": {"options": {"xla_gpu_experimental_enable_triton_warp_specialization": True}},
     "exhaustive": {"options": {"xla_gpu_exhaustive_tiling_search": True}},
@@ -196,13 +193,12 @@ def main() -> None:
                         "max_abs_logit": float(np.max(np.abs(logits)))}
             print(name, key, res[key], flush=True)
 
-    default_decode, default_warm = pallas_gpu.DECODE, pallas_gpu.WARM_PROGRAMS
+    default_decode = pallas_gpu.DECODE
     for i, name in enumerate(names):
         jax.clear_caches()
         variant = combined(name)
         reference.fused_matmul = variant.get("matmul", FUSED_MATMUL)  # what models.projection calls
         pallas_gpu.DECODE = dataclasses.replace(default_decode, **variant.get("decode", {}))
-        pallas_gpu.WARM_PROGRAMS = variant.get("warm_programs", default_warm)
         res = {}
         try:
             run(variant, res)
@@ -210,7 +206,7 @@ def main() -> None:
             res["error"] = repr(e)[:500]
             print(name, "failed:", res["error"], flush=True)
             cache = zeroed_cache()
-        reference.fused_matmul, pallas_gpu.DECODE, pallas_gpu.WARM_PROGRAMS = FUSED_MATMUL, default_decode, default_warm
+        reference.fused_matmul, pallas_gpu.DECODE = FUSED_MATMUL, default_decode
         result["variants"][name if name not in result["variants"] else f"{name} ({i + 1})"] = res  # a rerun keeps both
         write_json(out_path, result)
 

@@ -75,17 +75,12 @@ def paged_attention(
     *,
     scale: float,
     backend: str = "reference",
-    warm: Array | None = None,
 ) -> Float[Array, "T H D"]:
-    """Causal attention of each token over its sequence's paged context (GQA: H % KV == 0).
-
-    `warm`: the array the next op reads (the o projection's weight); a kernel that leaves the
-    GPU's memory idle may read it meanwhile, so that the next op finds it in cache. No effect on
-    the result."""
+    """Causal attention of each token over its sequence's paged context (GQA: H % KV == 0)."""
     if backend == "reference":
         return reference.paged_attention(q, k_pages, v_pages, meta, scale=scale)
     if backend == "pallas":
-        return pallas_gpu.paged_attention(q, k_pages, v_pages, meta, scale=scale, warm=warm)
+        return pallas_gpu.paged_attention(q, k_pages, v_pages, meta, scale=scale)
     raise ValueError(f"unknown attention backend {backend!r}; known: 'reference', 'pallas' (GPU)")
 
 

@@ -99,7 +99,6 @@ class Attention(nnx.Module):
         picks the attention op, `matmul` the projections'."""
         qkv = _project(x, self.qkv, self.qkv_bias, matmul, mesh, norm)  # (T, K, G + 2, D)
         out, k_pages, v_pages = write_and_attend(  # (T, H, D)
-            qkv, k_pages, v_pages, meta, rope, scale=self.scale, backend=backend, mesh=mesh,
-            warm=(self.o[...], self.o.get_metadata()["logical_axes"]),  # o's weight, read next
+            qkv, k_pages, v_pages, meta, rope, scale=self.scale, backend=backend, mesh=mesh
         )
         return _project(out, self.o, self.o_bias, matmul, mesh, residual=x), k_pages, v_pages

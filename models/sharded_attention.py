@@ -34,32 +34,26 @@ def write_and_attend(
     scale: float,
     backend: str,
     mesh: Mesh | None = None,
-    warm: tuple[jax.Array, tuple[str | None, ...]] | None = None,
 ):
     """Rotate q and k, write this step's K/V into the cache, then attend; per shard when `mesh` is given.
 
-    `warm`: the weight the next projection reads and its logical axes (each device passes on
-    its own shard; see `models.attention.paged_attention`). Returns the attention output
-    (T, H, D) and the updated K and V pages.
+    Returns the attention output (T, H, D) and the updated K and V pages.
     """
 
-    def local(qkv, k_pages, v_pages, meta, rope, weight):
+    def local(qkv, k_pages, v_pages, meta, rope):
         q, k_pages, v_pages = rope_and_write(qkv, k_pages, v_pages, meta, rope, backend=backend)
-        out = paged_attention(q, k_pages, v_pages, meta, scale=scale, backend=backend, warm=weight)
-        return out, k_pages, v_pages
+        return paged_attention(q, k_pages, v_pages, meta, scale=scale, backend=backend), k_pages, v_pages
 
-    weight, weight_axes = warm or (None, None)
     if mesh is None:
-        return local(qkv, k_pages, v_pages, meta, rope, weight)
+        return local(qkv, k_pages, v_pages, meta, rope)
     q_spec = logical_to_spec(("batch", "heads", None))
     qkv_spec = logical_to_spec(("batch", "kv_heads", None, None))
     cache_spec = logical_to_spec(CACHE_AXES)
     meta_spec = logical_to_spec(("batch",))  # a prefix: every field is split along its first axis
-    weight_spec = None if weight is None else logical_to_spec(weight_axes, weight.shape, mesh)
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(qkv_spec, cache_spec, cache_spec, meta_spec, meta_spec, weight_spec),
+        in_specs=(qkv_spec, cache_spec, cache_spec, meta_spec, meta_spec),
         out_specs=(q_spec, cache_spec, cache_spec),
         check_vma=False,  # kernels (pallas_call) carry no replication types
-    )(qkv, k_pages, v_pages, meta, rope, weight)
+    )(qkv, k_pages, v_pages, meta, rope)

@@ -54,9 +54,6 @@ MIN_DOT_ROWS = 16  # Triton's tensor-core products take at least 16 rows
 NO_SCORE = -1e30  # initial running max: finite, so exp2(max_old - max_new) never meets inf - inf
 TARGET_PROGRAMS = 2 * 132  # programs that keep an H100's 132 SMs busy (sets the context split)
 MAX_SPLITS = 16
-WARM_PROGRAMS = 128  # programs that read the `warm` array (0: never warm)
-WARM_COLS, WARM_TILE = 1024, 8  # the warm array seen as rows of WARM_COLS, read WARM_TILE rows a loop step
-WARM_MAX_BYTES = 40 << 20  # what an H100's 50 MB L2 holds beside the kernel's own traffic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,50 +85,18 @@ def supports(q: Float[Array, "T H D"], k_pages: Float[Array, "KV N S D"]) -> boo
     return is_pow2(d) and d >= 16 and is_pow2(page_size) and q.shape[1] % kv_heads == 0
 
 
-def _kernel(*refs, tile_rows: int, short_rows: int | None, group_pad: int, num_blocks: int, warm: bool, **static):
+def _kernel(*refs, tile_rows: int, short_rows: int | None, group_pad: int, **static):
     """One program: `_attend` on the full tile, or on the short one when this query block's
-    tokens fit it (a branch on the block's size, the same for every thread of the program);
-    with `warm`, programs past the query blocks read the warm array instead (`_warm`)."""
+    tokens fit it (a branch on the block's size, the same for every thread of the program)."""
     ids = tuple(pl.program_id(axis) for axis in range(3))  # read here: interpret mode has none inside a branch
-    if warm:  # refs: the 9 inputs of _attend, the warm array, _attend's outputs, the warm programs' sink
-        warm_ref, sink_ref, refs = refs[9], refs[-1], refs[:9] + refs[10:-1]
-        pl.when(ids[0] >= num_blocks)(lambda: _warm(warm_ref, sink_ref, ids, num_blocks, static["num_splits"]))
     attend = functools.partial(_attend, *refs, ids=ids, group_pad=group_pad, **static)
-
-    def one_block():
-        if short_rows is None or short_rows >= tile_rows:
-            attend(tile_rows=tile_rows)
-            return
-        blk_lo_ref, blk_hi_ref = refs[7:9]  # _attend's blk_lo_ref and blk_hi_ref
-        short = blk_hi_ref[ids[0]] - blk_lo_ref[ids[0]] <= short_rows // group_pad
-        pl.when(short)(lambda: attend(tile_rows=short_rows))
-        pl.when(jnp.logical_not(short))(lambda: attend(tile_rows=tile_rows))
-
-    if warm:
-        pl.when(ids[0] < num_blocks)(one_block)
-    else:
-        one_block()
-
-
-def _warm(warm_ref, sink_ref, ids, num_blocks: int, num_splits: int):
-    """Read this program's share of `warm_ref` (R, WARM_COLS) so that it sits in L2 for the next
-    kernel. The sum is stored only if it equals an unlikely value: the loads must have a use."""
-    blk, kv, split = ids
-    programs = (pl.num_programs(0) - num_blocks) * pl.num_programs(1) * num_splits
-    me = ((blk - num_blocks) * pl.num_programs(1) + kv) * num_splits + split
-    rows = warm_ref.shape[0]
-    per = pl.cdiv(pl.cdiv(rows, programs), WARM_TILE) * WARM_TILE
-    col = jnp.arange(WARM_COLS)[None, :]
-
-    def body(i, acc):
-        r = me * per + i * WARM_TILE + jnp.arange(WARM_TILE)
-        ok = jnp.broadcast_to((r < rows)[:, None], (WARM_TILE, WARM_COLS))
-        x = plgpu.load(warm_ref.at[r[:, None], col], mask=ok, other=0.0)
-        return acc + jnp.sum(x.astype(jnp.float32))
-
-    acc = lax.fori_loop(0, per // WARM_TILE, body, jnp.float32(0.0))
-    zero = jnp.zeros((1,), jnp.int32)
-    plgpu.store(sink_ref.at[zero], jnp.zeros((1,), jnp.float32) + acc, mask=(zero == 0) & (acc == 1.2345e-7))
+    if short_rows is None or short_rows >= tile_rows:
+        attend(tile_rows=tile_rows)
+        return
+    blk_lo_ref, blk_hi_ref = refs[7:9]  # _attend's blk_lo_ref and blk_hi_ref
+    short = blk_hi_ref[ids[0]] - blk_lo_ref[ids[0]] <= short_rows // group_pad
+    pl.when(short)(lambda: attend(tile_rows=short_rows))
+    pl.when(jnp.logical_not(short))(lambda: attend(tile_rows=tile_rows))
 
 
 def _attend(
@@ -273,13 +238,8 @@ def paged_attention_kernel(
     scale: float,
     config: KernelConfig,
     interpret: bool = False,
-    warm: jax.Array | None = None,
 ) -> Float[Array, "T H D"]:
-    """One launch under an explicit configuration (the benchmark sweeps these).
-
-    `warm`: an array the next kernel reads (the o projection's weight), read here by
-    WARM_PROGRAMS extra programs when the launch is split over the context (a small batch,
-    whose programs leave most SMs idle), so that the next kernel finds it in L2."""
+    """One launch under an explicit configuration (the benchmark sweeps these)."""
     t, h, d = q.shape
     kv_heads, n_pages, page_size, _ = k_pages.shape
     group = h // kv_heads
@@ -291,13 +251,8 @@ def paged_attention_kernel(
     splits = config.num_splits or num_splits_for(num_blocks * kv_heads, max_ctx, config.block_kv)
 
     short_rows = config.short_rows and max(config.short_rows, MIN_DOT_ROWS, group_pad)
-    warm = warm if (warm is not None and splits > 1 and WARM_PROGRAMS and warm.size % WARM_COLS == 0
-                    and warm.nbytes <= WARM_MAX_BYTES) else None
-    warm_blocks = 0 if warm is None else -(-WARM_PROGRAMS // (kv_heads * splits))
     kernel = functools.partial(
         _kernel,
-        num_blocks=num_blocks,
-        warm=warm is not None,
         tile_rows=tile_rows,
         short_rows=short_rows,
         group=group,
@@ -317,12 +272,11 @@ def paged_attention_kernel(
         blk_row,
         blk_lo,
         blk_hi,
-        *(() if warm is None else (warm.reshape(-1, WARM_COLS),)),
     )
     call = functools.partial(
         pl.pallas_call,
         kernel,
-        grid=(num_blocks + warm_blocks, kv_heads, splits),
+        grid=(num_blocks, kv_heads, splits),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name=f"paged_attention_r{tile_rows}_k{config.block_kv}_s{splits}",
@@ -337,9 +291,7 @@ def paged_attention_kernel(
         jax.ShapeDtypeStruct((splits, t, h), jnp.float32),
         jax.ShapeDtypeStruct((splits, t, h), jnp.float32),
     )
-    if warm is not None:
-        out_shape += (jax.ShapeDtypeStruct((1,), jnp.float32),)  # the warm programs' sink, never read
-    o, m, l = call(out_shape=out_shape)(*args)[:3]  # (S, T, H, D), (S, T, H), (S, T, H)
+    o, m, l = call(out_shape=out_shape)(*args)  # (S, T, H, D), (S, T, H), (S, T, H)
     weight = jnp.exp2(m - jnp.max(m, axis=0))  # 0 for empty splits unless all are
     total = jnp.sum(l * weight, axis=0)
     out = jnp.sum(o * weight[..., None], axis=0) / jnp.maximum(total, 1e-30)[..., None]
@@ -356,11 +308,9 @@ def paged_attention(
     *,
     scale: float,
     interpret: bool = False,
-    warm: jax.Array | None = None,
 ) -> Float[Array, "T H D"]:
     """Causal paged attention; the configuration follows the static shapes (T <= B: decode)."""
     if not supports(q, k_pages):
         return reference.paged_attention(q, k_pages, v_pages, meta, scale=scale)
     config = DECODE if q.shape[0] <= meta.seq_lens.shape[0] else PREFILL
-    return paged_attention_kernel(q, k_pages, v_pages, meta, scale=scale, config=config, interpret=interpret,
-                                  warm=warm)
+    return paged_attention_kernel(q, k_pages, v_pages, meta, scale=scale, config=config, interpret=interpret)

@@ -49,14 +49,6 @@ def test_paged_attention_lowers(tokens_per_row):
     assert "triton" in text
 
 
-def test_decode_attention_warming_the_next_weight_lowers():
-    meta, pages, _, t = attention_inputs([1, 1, 1])
-    q, weight = jnp.zeros((t, KV * G, D), jnp.bfloat16), jnp.zeros((KV * G, D, 4096), jnp.bfloat16)
-    fn = functools.partial(pallas_gpu.paged_attention_kernel, scale=0.1, config=pallas_gpu.DECODE)
-    text = lower_for_h100(lambda q, p, m, w: fn(q, p, p, m, warm=w), q, pages, meta, weight)
-    assert text.count("paged_attention") >= 1 and "triton" in text
-
-
 def test_rope_and_write_lowers():
     meta, pages, rope, t = attention_inputs([1, 5])
     qkv = jnp.zeros((t, KV, G + 2, D), jnp.bfloat16)
