@@ -20,11 +20,12 @@ Variants change one thing against `base` (the code as it is):
 - `split1` to `split16`: decode attention with that many context splits instead of the GPU-filling
   rule; `kv16`, `kv32`, `kv128`: its context block; `warps2`, `warps8`, `stages2`, `stages4`: its
   warps and pipeline stages (the decode `KernelConfig` otherwise as it is);
-- `cublas`, `warpspec`, `exhaustive`: XLA options of the compile (cuBLAS for every GEMM, Triton
-  warp specialization, the exhaustive Triton tiling search).
+- `cublas`, `tritononly`, `cublaslt`, `warpspec`, `exhaustive`: XLA options of the compile (cuBLAS
+  for every GEMM, Triton for every GEMM, cuBLASLt instead of cuBLAS, Triton warp specialization,
+  the exhaustive Triton tiling search).
 
 XLA keeps its autotuning results for the life of the process, so a variant that only changes
-autotuning (`exhaustive`) must run in a process of its own to mean anything; the order of
+autotuning (`exhaustive`, `tritononly`, `cublaslt`) must run in a process of its own to mean anything; the order of
 variants in one process also shows as drift of about 1%: run `base` again at the end. Variants
 combine with `+` (`swiglu_exp+split8`): their changes merged, later ones winning.
 """
@@ -93,6 +94,8 @@ VARIANTS = {
     "stages2": {"decode": {"num_stages": 2}},
     "stages4": {"decode": {"num_stages": 4}},
     "cublas": {"options": {"xla_gpu_enable_triton_gemm": False}},
+    "tritononly": {"options": {"xla_gpu_cublas_fallback": False}},
+    "cublaslt": {"options": {"xla_gpu_enable_cublaslt": True}},
     "warpspec": {"options": {"xla_gpu_experimental_enable_triton_warp_specialization": True}},
     "exhaustive": {"options": {"xla_gpu_exhaustive_tiling_search": True}},
 }
