@@ -3,6 +3,7 @@
     python -m benchmarks.summarize bundle --work DIR --out bundle.json
     python -m benchmarks.summarize report --bundle bundle.json [--results-dir benchmarks/results]
         [--summary benchmarks/results/summary.json] [--plot benchmarks/results/benchmarks_<device>.png]
+        [--peer benchmarks/results/peer_hf_<model>_<device>.json ...]
 
 `bundle` gathers the stage results of a run (DIR/results/<stage>.json, DIR/status/<stage>.json
 with each stage's exit status and log tail) into one file, so a run's output fits in a few
@@ -13,6 +14,8 @@ files. `run_gpu.sh` calls it after every stage.
 "peer"), updates `summary.json` with the headline figures of the issue, each with its
 device, the workload actually run, its floor, the peer's figure and the goal (keys this run
 did not measure keep their earlier value), and draws the plot when matplotlib is there.
+`--peer` attaches an earlier run's peer result to a run that has none for that model shape
+(the peer runs no engine code, so its figures stand until its own setup changes).
 The decode-attention figure comes from `benchmarks/attention.py` results: a stage of the
 same run if there is one, else the newest committed attention_*.json.
 """
@@ -206,13 +209,14 @@ def _newest_attention_file() -> dict | None:
     return json.loads(files[-1].read_text()) if files else None
 
 
-def write_results(results: list[dict], folder: Path) -> list[Path]:
-    """One file per result; engine results carry the peer of their model shape."""
+def write_results(results: list[dict], folder: Path, peers_from: list[dict] | None = None) -> list[Path]:
+    """One file per result; engine results carry the peer of their model shape (found in `peers_from`,
+    by default `results`)."""
     written = []
     for r in results:
         r = dict(r)
         if r.get("kind") in ("model_suite", "latency", "throughput", "serve") and r.get("peer") is None:
-            r["peer"] = peer_summary(_find(results, "peer_hf", r.get("model")))
+            r["peer"] = peer_summary(_find(peers_from or results, "peer_hf", r.get("model")))
         model = r.get("model") or "all"
         path = folder / f"{r['kind']}_{model}_{device_slug(r.get('device'))}.json"
         write_json(path, r)
@@ -300,6 +304,8 @@ def main() -> None:
     r.add_argument("--results-dir", type=Path, default=RESULTS)
     r.add_argument("--summary", type=Path, help="default: RESULTS_DIR/summary.json")
     r.add_argument("--plot", type=Path, help="default: RESULTS_DIR/benchmarks_<device>.png")
+    r.add_argument("--peer", type=Path, action="append", default=[],
+                   help="an earlier peer_hf result for a model shape this run has no peer of (repeatable)")
     args = p.parse_args()
 
     if args.command == "bundle":
@@ -309,7 +315,11 @@ def main() -> None:
     results = _results(data)
     attention = _find(results, "attention") or _newest_attention_file()
     # benchmarks/attention.py's results are committed by whoever runs it, under its own name
-    written = write_results([r for r in results if r.get("kind") not in (None, "attention")], args.results_dir)
+    earlier = [json.loads(f.read_text()) for f in args.peer]
+    earlier = [e for e in earlier if not _find(results, "peer_hf", e.get("model"))]
+    results += earlier  # attached to this run's results, not written again: they are committed
+    written = write_results([r for r in results if r.get("kind") not in (None, "attention") and r not in earlier],
+                            args.results_dir, results)
     summary = update_summary(args.summary or args.results_dir / "summary.json", headline(results, attention))
     devices = {r.get("device") for r in results if r.get("kind") == "model_suite"}
     plot_path = args.plot or args.results_dir / f"benchmarks_{device_slug(next(iter(devices), None))}.png"

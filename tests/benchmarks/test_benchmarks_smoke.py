@@ -262,6 +262,18 @@ def test_model_suite_then_summarize(tmp_path, ceilings_file):
     assert later["llama3_8b_offline_1000x1024x1024_out_tok_s"] == offline
     assert summarize.plot(results, tmp_path / "plot.png") and (tmp_path / "plot.png").stat().st_size > 0
 
+    # A run without the peer's stage (`report` through its command line): --peer attaches a committed one.
+    del bundle["stages"]["peer8b"]
+    (tmp_path / "bundle.json").write_text(json.dumps(bundle))
+    (tmp_path / "peer.json").write_text(json.dumps({**peer, "metrics": {**peer["metrics"], "generate_ttft": {
+        "ttft_ms": 60.0}}}))
+    again = tmp_path / "again"
+    run_module("benchmarks.summarize", "report", "--bundle", str(tmp_path / "bundle.json"), "--results-dir", str(again),
+               "--peer", str(tmp_path / "peer.json"))
+    assert sorted(p.name for p in again.glob("*.json")) == ["model_suite_tiny_cpu.json", "summary.json"]
+    assert json.loads((again / "model_suite_tiny_cpu.json").read_text())["peer"]["ttft_ms"] == 60.0
+    assert json.loads((again / "summary.json").read_text())["llama3_8b_ttft_1024_ms"]["peer"] == 60.0
+
 
 def test_profile_sums_kernels_by_kind(tmp_path):
     from benchmarks import profile_step
