@@ -25,9 +25,10 @@ Variants change one thing against `base` (the code as it is):
   the exhaustive Triton tiling search).
 
 XLA keeps its autotuning results for the life of the process, so a variant that only changes
-autotuning (`exhaustive`, `tritononly`, `cublaslt`) must run in a process of its own to mean anything; the order of
-variants in one process also shows as drift of about 1%: run `base` again at the end. Variants
-combine with `+` (`swiglu_exp+split8`): their changes merged, later ones winning.
+autotuning (`exhaustive`, `tritononly`, `cublaslt`) must run in a process of its own to mean
+anything; the order of variants in one process also shows as drift of about 1%: run `base`
+again at the end. Variants combine with `+` (`swiglu_exp+split8`): their changes merged, later
+ones winning.
 """
 
 import dataclasses
