@@ -7,6 +7,7 @@ runs the real Triton lowering without a GPU.
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -33,20 +34,25 @@ def lower_for_h100(fn, *args) -> str:
 
 
 def attention_inputs(tokens_per_row: list[int]):
+    """A step of rows at context 100; spare rows as the runner pads a decode bucket, so that a step of one
+    token a row has no more tokens than rows (the decode configuration) and the rest has more."""
     meta = random_step(np.random.default_rng(0), [(100, n) for n in tokens_per_row], page_size=PAGE,
-                       width=16, pad_tokens=3)
+                       width=16, spare_rows=5, pad_tokens=1)
     t = meta.positions.shape[0]
     pages = jnp.zeros((KV, PAGES, PAGE, D), jnp.bfloat16)
     rope = reference.rope_tables(meta.positions, jnp.ones(D // 2, jnp.float32))
     return meta, pages, rope, t
 
 
-@pytest.mark.parametrize("tokens_per_row", [[1, 1, 1], [1, 40, 7]], ids=["decode", "prefill"])
-def test_paged_attention_lowers(tokens_per_row):
+@pytest.mark.parametrize("tokens_per_row, kernel", [([1, 1, 1], r"paged_attention_r16_k64_s([2-9]|1\d)"),
+                                                    ([1, 40, 7], r"paged_attention_r64_k64_s1")],
+                         ids=["decode", "prefill"])
+def test_paged_attention_lowers(tokens_per_row, kernel):
+    """Each configuration lowers: the decode one (16-row tiles, split context) and the prefill one."""
     meta, pages, _, t = attention_inputs(tokens_per_row)
     q = jnp.zeros((t, KV * G, D), jnp.bfloat16)
     text = lower_for_h100(functools.partial(pallas_gpu.paged_attention, scale=0.1), q, pages, pages, meta)
-    assert "triton" in text
+    assert re.search(kernel, text), set(re.findall(r"paged_attention_\w+", text))
 
 
 def test_rope_and_write_lowers():
@@ -77,9 +83,8 @@ def test_model_step_lowers_with_the_gpu_kernels():
     cache = allocate_kv_cache(cfg, PAGES, PAGE, jnp.bfloat16)
 
     def step(state, tokens, cache, meta):
-        hidden, cache = nnx.merge(graphdef, state)(tokens, cache, meta)
-        return hidden, cache
+        return nnx.merge(graphdef, state)(tokens, cache, meta)
 
     text = lower_for_h100(step, state, jnp.zeros(t, jnp.int32), cache, meta)
-    for kernel in ("rope_and_write", "paged_attention"):
+    for kernel in ("rope_and_write", "paged_attention_r16"):
         assert kernel in text, kernel
