@@ -14,7 +14,7 @@
 #   serve      pagedjax serve (1B shape) under benchmarks/serve.py: 200 prompts x 1024 in x 128 out,
 #              all at once, at most 32 in flight (needs the .whl wheels: starlette, uvicorn)
 #   profile8b  benchmarks/profile_step.py on the 8B engine: GPU time per kernel kind of a batch-1 and a
-#              batch-192 decode step, a step where a prompt joins 191 decodes, and the TTFT step
+#              batch-224 decode step, a step where a prompt joins 223 decodes, and the TTFT step
 #              (PROFILE_ARGS replaces its workload flags), with a timeline of the TTFT and decode traces
 #   attention  benchmarks/attention.py
 #   matmul     benchmarks/matmul.py: the fused projection kernel checked and timed against XLA's ops on the
@@ -45,11 +45,15 @@
 #   --max-num-batched-tokens 2048
 #                              prefill chunks of 2048 tokens keep the matmuls compute-bound (8B: ~33 TFLOP
 #                              a step) and a 1024-token prompt fits in one step (TTFT)
-#   --max-num-seqs 256 (1B) / 192 (8B)
-#                              vLLM's default concurrency is 256; 8B's K/V (128 KiB a token) for 192
-#                              sequences of 2048 tokens is 51 GB, what 0.9 of the GPU holds beside the
-#                              16 GB of weights, so the offline run never preempts
-#   --memory-utilization 0.9   with XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 (jax's pool; default 0.75)
+#   --max-num-seqs 256 (1B) / 224 (8B)
+#                              vLLM's default concurrency is 256; 8B's K/V (128 KiB a token) for 224
+#                              sequences of 2048 tokens is 56 GiB, what 0.95 of the pool holds beside
+#                              the 15 GiB of weights, so the offline run never preempts (256 would:
+#                              results/offline-concurrency_h100)
+#   --memory-utilization 0.95 (8B) / 0.9 (1B)
+#                              of jax's pool, XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 of the GPU (as
+#                              `pagedjax` sets it); the rest is the steps' scratch, which the engine
+#                              checks at start-up (warmup_report.scratch_bytes)
 #   --token-buckets 16,64,S,1024,1280,1536,2048 (S = max-num-seqs)
 #                              batch-1 decode, small batches, a full decode batch, one 1024-token
 #                              prompt (TTFT), a full decode batch beside one or two fresh prompts
@@ -60,7 +64,7 @@
 set -u
 
 export PYTHONUNBUFFERED=1
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then  # packages the GPU machine lacks (starlette, uvicorn, gguf)
   S=$(mktemp -d); python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" || echo "installing .whl/ failed: the serve stage will fail"
@@ -83,17 +87,19 @@ device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1
 echo "benchmark run: stages ${stages[*]}; ${device:-no nvidia-smi}; $($py --version 2>&1)"
 
 roofline="$work/results/roofline.json"
-common=(--page-size 16 --max-model-len 2048 --max-num-batched-tokens 2048 --memory-utilization 0.9)
+common=(--page-size 16 --max-model-len 2048 --max-num-batched-tokens 2048)
 m8=llama-3.1-8b m1=llama-3.2-1b vocab=128256
-engine8b=(--model $m8 "${common[@]}" --max-num-seqs 192 --token-buckets 16,64,192,1024,1280,1536,2048)
-engine1b=(--model $m1 "${common[@]}" --max-num-seqs 256 --token-buckets 16,64,256,1024,1280,1536,2048)
+engine8b=(--model $m8 "${common[@]}" --memory-utilization 0.95 --max-num-seqs 224
+          --token-buckets 16,64,224,1024,1280,1536,2048)
+engine1b=(--model $m1 "${common[@]}" --memory-utilization 0.9 --max-num-seqs 256
+          --token-buckets 16,64,256,1024,1280,1536,2048)
 workloads=(--case 1x128x256 --ttft-input-len 1024 --repeats 3 --ttft-repeats 10
            --num-prompts 1000 --input-len 1024 --output-len 1024)
 budget8b=${BUDGET_8B:-75} budget1b=${BUDGET_1B:-60}  # seconds the offline run may take (N fitted to it)
 peer8b=(--batch1 128x128 --ttft-input-len 1024 --cb 32x1024x128 --repeats 2)
 peer1b=(--batch1 128x128 --ttft-input-len 1024 --cb 64x1024x128 --repeats 2)
 served=(--num-prompts 200 --input-len 1024 --output-len 128 --max-concurrency 32)
-read -ra profiled <<< "${PROFILE_ARGS:---batch 1 --batch 192 --mixed 191 --context 1024 --prefill 1024}"
+read -ra profiled <<< "${PROFILE_ARGS:---batch 1 --batch 224 --mixed 223 --context 1024 --prefill 1024}"
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then  # every stage at toy sizes on the "tiny" preset: checks this script on a CPU
   small=(--model tiny --max-model-len 256 --max-num-batched-tokens 64 --token-buckets 16,64 --page-buckets 16)
   m8=tiny m1=tiny vocab=49152

@@ -23,7 +23,9 @@ class EngineConfig:
     max_model_len: int | None = None  # prompt + output limit; None: min(model's, 4096)
     page_size: int = 16  # tokens per KV-cache page
     num_pages: int | None = None  # KV-cache pages (of each data shard); None: sized from free device memory
-    memory_utilization: float = 0.9  # fraction of device memory the weights and cache may use
+    # share of the device's memory pool that weights and KV cache may fill; the rest is the steps'
+    # scratch. The pool is jax's: XLA_CLIENT_MEM_FRACTION of the GPU, 0.95 under `pagedjax`, else 0.75.
+    memory_utilization: float = 0.9
     max_num_seqs: int = 64  # sequences in one step (of each data shard)
     max_num_batched_tokens: int = 512  # tokens in one step, per data shard (chunked prefill splits longer prompts)
     token_buckets: tuple[int, ...] | None = None  # padded step sizes; None: powers of two up to the budget

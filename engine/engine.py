@@ -119,6 +119,7 @@ class LLMEngine:
         )
         del self.kv_cache  # the runner owns (and donates) the only reference
         self.warmup_seconds = self.runner.warmup(progress=progress)
+        self._check_scratch_fits()
         self._requests: dict[str, _Request] = {}
         self._inflight = None  # _dispatch's (plans, runner.Call, ahead_ok): the call queued, not yet recorded
         if jax.process_count() > 1 and jax.process_index() == 0:
@@ -155,6 +156,10 @@ class LLMEngine:
             want = self.config.max_num_seqs * (-(-self.max_model_len // self.config.page_size)) + 1
             free = min(want * per_page, 1 << 30)
         return max(2, int(free // per_page))
+
+    def _check_scratch_fits(self) -> None:
+        stats = self.mesh.devices.flat[0].memory_stats() or {}
+        check_scratch_fits(stats, self.runner.warmup_report["scratch_bytes"], self.config.memory_utilization)
 
     # ---- requests ------------------------------------------------------------------
 
@@ -371,3 +376,17 @@ class LLMEngine:
             for c in req.completions
         ]
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished)
+
+
+def check_scratch_fits(stats: dict, need: int, memory_utilization: float) -> None:
+    """Fail at start-up, not at the first long step, when weights and KV cache leave the compiled
+    steps too little of the device's memory pool (`stats`: a device's memory_stats()) to run in."""
+    if "bytes_limit" not in stats:  # CPU: no pool
+        return
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    if need > free:
+        gib = 1 << 30
+        raise MemoryError(
+            f"the compiled steps need up to {need / gib:.2f} GiB of scratch memory, but weights and KV cache leave "
+            f"{free / gib:.2f} GiB of the device's {stats['bytes_limit'] / gib:.2f} GiB pool: lower "
+            f"memory_utilization (now {memory_utilization}) or num_pages")

@@ -344,8 +344,19 @@ class ModelRunner:
         end = time.perf_counter()
         self.warmup_report = {"graphs": len(jobs), "step_graphs": len(self._steps) + len(self._fused),
                               "trace_and_lower_s": lowered_at - start, "compile_s": end - lowered_at,
-                              "compile_threads": min(COMPILE_THREADS, len(jobs))}
+                              "compile_threads": min(COMPILE_THREADS, len(jobs)),
+                              "scratch_bytes": self.scratch_bytes()}
         return end - start
+
+    def scratch_bytes(self) -> int:
+        """The most device memory (per device) any compiled graph allocates while it runs, beyond
+        its inputs: temporaries plus the outputs that do not reuse a donated input's buffer."""
+        most = 0
+        for compiled in (*self._steps.values(), *self._samplers.values(), *self._fused.values()):
+            m = compiled.memory_analysis()
+            if m is not None:
+                most = max(most, m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+        return most
 
     def _decode_compiler_options(self) -> dict | None:
         """XLA options of the graphs that decode plans use (see DECODE_COMMAND_BUFFERS)."""

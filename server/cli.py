@@ -5,11 +5,14 @@ its own `--process-id`; process 0 does the work and the others execute its steps
 """
 
 import argparse
+import os
 import sys
 import typing
 from dataclasses import fields
 
 from engine.config import EngineConfig
+
+POOL_FRACTION = 0.95  # of each GPU's memory, for jax's pool, unless the environment sets it
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -94,6 +97,10 @@ def main(argv=None) -> int:
         serve_cli.add_parser(sub, add_engine_args)
 
     args = parser.parse_args(argv)
+    # jax's GPU memory pool is 75% of the device unless told otherwise. The command owns its device,
+    # so its pool is 95% of it, and --memory-utilization is a share of nearly the whole GPU.
+    if not {"XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"} & os.environ.keys():
+        os.environ["XLA_CLIENT_MEM_FRACTION"] = str(POOL_FRACTION)
     try:
         if args.command == "convert":
             return cmd_convert(args)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.engine import LLMEngine
+from engine.engine import LLMEngine, check_scratch_fits
 from engine.config import EngineConfig
 from engine.sampling import needs_full_rank
 from compiles import recorded_compiles
@@ -100,6 +100,17 @@ def test_nothing_compiles_after_warmup():
         ]
         llm.generate([[5, 6, 7], list(range(1, 40)), [9] * 20, [3, 4]], mixed, use_tqdm=False)
     assert compiles == []
+
+
+def test_start_up_refuses_a_cache_that_leaves_the_steps_no_scratch():
+    llm = _tiny_llm(GOLDEN / "tiny" / TINY[0])
+    need = llm.engine.runner.warmup_report["scratch_bytes"]
+    assert need > 0  # the logits of the largest bucket, at least
+    gib = 1 << 30
+    check_scratch_fits({"bytes_limit": 8 * gib, "bytes_in_use": 8 * gib - need}, need, 0.9)  # just fits
+    with pytest.raises(MemoryError, match=r"lower memory_utilization \(now 0.9\)"):
+        check_scratch_fits({"bytes_limit": 8 * gib, "bytes_in_use": 8 * gib - need + 1}, need, 0.9)
+    check_scratch_fits({}, need, 0.9)  # no pool (CPU): nothing to check
 
 
 def test_refuses_too_long_prompt():
