@@ -3,13 +3,14 @@ under variants of how the step is written or compiled, each timed beside the oth
 
     python -m benchmarks.step_variants OUT.json [VARIANT ...]      (default: every variant)
 
-Cases (STEP_CASES replaces them): 1 decode row in the 16-token bucket at context 256 and 1024,
-and 192 rows at context 1024, padded as the runner pads them (one block-table width of 128 pages). Each variant gets a
-fresh trace (the jit caches are cleared) and its own compile; the step donates the cache, as the
-engine's does. Reported per case: the median and minimum of 15 timings of 10 steps, the compile
-time, the kernel-launching instructions of the optimized HLO by kind (`fusion(` counts nested
-computations too: compare it between variants, not with a profile), a hash of that HLO, and how
-far the logits of one step from a zeroed cache are from the first variant's.
+Cases (STEP_CASES="ROWSxBUCKETxCONTEXT,..." replaces them): 1 decode row in the 16-token bucket
+at context 256 and 1024, and 192 rows at context 1024, padded as the runner pads them (one
+block-table width of 128 pages). Each variant gets a fresh trace (the jit caches are cleared)
+and its own compile; the step donates the cache, as the engine's does. Reported per case: the
+median and minimum of 15 timings of 10 steps, the compile time, the kernel-launching
+instructions of the optimized HLO by kind (`fusion(` counts nested computations too: compare it
+between variants, not with a profile), a hash of that HLO, and how far the logits of one step
+from a zeroed cache are from the first variant's.
 
 Variants change one thing against `base` (the code as it is):
 
@@ -56,9 +57,10 @@ from sharding import Placement, make_mesh
 
 PAGE = 16
 TABLE_WIDTH = 128  # block-table width, as the engine's at max_model_len 2048
-# (rows, token bucket, context); STEP_CASES="1x16x256,224x224x1536" replaces them
-CASES = tuple(tuple(int(n) for n in c.split("x")) for c in os.environ["STEP_CASES"].split(",")) \
-    if os.environ.get("STEP_CASES") else ((1, 16, 256), (1, 16, 1024), (192, 192, 1024))
+# (rows, token bucket, context)
+CASES = ((1, 16, 256), (1, 16, 1024), (192, 192, 1024))
+if os.environ.get("STEP_CASES"):
+    CASES = tuple(tuple(int(n) for n in case.split("x")) for case in os.environ["STEP_CASES"].split(","))
 SMOKE = bool(os.environ.get("BENCH_SMOKE"))  # the tiny preset on the CPU: checks the script only
 FUSED_MATMUL = reference.fused_matmul  # the projections' op as written (the "xla" backend runs it)
 

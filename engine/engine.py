@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from engine.allocator import PageAllocator
 from engine.config import EngineConfig, EngineConfigError
@@ -149,16 +151,19 @@ class LLMEngine:
     def _pages_from_memory(self, served) -> int:
         """Pages of one data shard: what one device's free memory holds of its share of each page."""
         per_page = kv_cache_bytes_per_page(served, self.config.page_size, self.dtype) // self.config.tp
-        stats = self.mesh.devices.flat[0].memory_stats() or {}
+        stats = self.mesh.local_devices[0].memory_stats() or {}
         if "bytes_limit" in stats:
             free = stats["bytes_limit"] * self.config.memory_utilization - stats.get("bytes_in_use", 0)
         else:  # CPU: no device memory figure; enough for every sequence at full length, capped at 1 GiB
             want = self.config.max_num_seqs * (-(-self.max_model_len // self.config.page_size)) + 1
             free = min(want * per_page, 1 << 30)
-        return max(2, int(free // per_page))
+        pages = max(2, int(free // per_page))
+        if jax.process_count() > 1:  # every process must build the same cache: the fewest any device holds
+            pages = int(multihost_utils.process_allgather(np.int64(pages)).min())
+        return pages
 
     def _check_scratch_fits(self) -> None:
-        stats = self.mesh.devices.flat[0].memory_stats() or {}
+        stats = self.mesh.local_devices[0].memory_stats() or {}
         check_scratch_fits(stats, self.runner.warmup_report["scratch_bytes"], self.config.memory_utilization)
 
     # ---- requests ------------------------------------------------------------------

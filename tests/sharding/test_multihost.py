@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from parallel_workload import SMALL, run_workload
 
 from engine.config import EngineConfig
@@ -23,10 +25,10 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 
 
-def _flags() -> list[str]:
+def _flags(settings: dict) -> list[str]:
     flags = ["--model", "tiny", "--tokenizer", str(default_model_path()), "--dtype", "float32", "--tp", "2",
              "--num-processes", "2"]
-    for name, value in SMALL.items():
+    for name, value in settings.items():
         flags += ["--" + name.replace("_", "-"), ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     return flags
 
@@ -37,21 +39,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_tp2_across_two_processes_matches_one(tmp_path):
+# "sized": no --num-pages, so each process sizes the cache from its device and all take the fewest pages
+@pytest.mark.parametrize("pages", ["given", "sized"])
+def test_tp2_across_two_processes_matches_one(tmp_path, pages):
+    settings = SMALL if pages == "given" else {k: v for k, v in SMALL.items() if k != "num_pages"}
     address = f"127.0.0.1:{_free_port()}"
     out = tmp_path / "tokens.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     procs = [
-        subprocess.Popen([sys.executable, str(HERE / "multihost_lead.py"), address, str(out), *_flags()],
+        subprocess.Popen([sys.executable, str(HERE / "multihost_lead.py"), address, str(out), *_flags(settings)],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-        subprocess.Popen([sys.executable, "-m", "server.cli", "generate", *_flags(), "--coordinator-address", address,
+        subprocess.Popen([sys.executable, "-m", "server.cli", "generate", *_flags(settings), "--coordinator-address", address,
                           "--process-id", "1", "unused: process 1 runs process 0's steps"],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
     ]
     # Meanwhile, the same workload on one device in this process.
     one = run_workload(LLMEngine(EngineConfig(model="tiny", tokenizer=str(default_model_path()), dtype="float32",
-                                              **SMALL), progress=False))
+                                              **settings), progress=False))
     logs = []
     try:
         for p in procs:
