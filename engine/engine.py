@@ -121,7 +121,8 @@ class LLMEngine:
         )
         del self.kv_cache  # the runner owns (and donates) the only reference
         self.warmup_seconds = self.runner.warmup(progress=progress)
-        self._check_scratch_fits()
+        check_scratch_fits(self.mesh.local_devices[0].memory_stats() or {}, self.runner.warmup_report["scratch_bytes"],
+                           config.memory_utilization)
         self._requests: dict[str, _Request] = {}
         self._inflight = None  # _dispatch's (plans, runner.Call, ahead_ok): the call queued, not yet recorded
         if jax.process_count() > 1 and jax.process_index() == 0:
@@ -161,10 +162,6 @@ class LLMEngine:
         if jax.process_count() > 1:  # every process must build the same cache: the fewest any device holds
             pages = int(multihost_utils.process_allgather(np.int64(pages)).min())
         return pages
-
-    def _check_scratch_fits(self) -> None:
-        stats = self.mesh.local_devices[0].memory_stats() or {}
-        check_scratch_fits(stats, self.runner.warmup_report["scratch_bytes"], self.config.memory_utilization)
 
     # ---- requests ------------------------------------------------------------------
 
@@ -391,7 +388,7 @@ def check_scratch_fits(stats: dict, need: int, memory_utilization: float) -> Non
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     if need > free:
         gib = 1 << 30
-        raise MemoryError(
-            f"the compiled steps need up to {need / gib:.2f} GiB of scratch memory, but weights and KV cache leave "
+        raise EngineConfigError(
+            f"engine config: the compiled steps need up to {need / gib:.2f} GiB of scratch memory, but weights and KV cache leave "
             f"{free / gib:.2f} GiB of the device's {stats['bytes_limit'] / gib:.2f} GiB pool: lower "
             f"memory_utilization (now {memory_utilization}) or num_pages")

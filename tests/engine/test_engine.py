@@ -12,7 +12,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.engine import LLMEngine, check_scratch_fits
-from engine.config import EngineConfig
+from engine.config import EngineConfig, EngineConfigError
 from engine.sampling import needs_full_rank
 from compiles import recorded_compiles
 from models.default import default_model_path
@@ -108,7 +108,7 @@ def test_start_up_refuses_a_cache_that_leaves_the_steps_no_scratch():
     assert need > 0  # the logits of the largest bucket, at least
     gib = 1 << 30
     check_scratch_fits({"bytes_limit": 8 * gib, "bytes_in_use": 8 * gib - need}, need, 0.9)  # just fits
-    with pytest.raises(MemoryError, match=r"lower memory_utilization \(now 0.9\)"):
+    with pytest.raises(EngineConfigError, match=r"lower memory_utilization \(now 0.9\)"):
         check_scratch_fits({"bytes_limit": 8 * gib, "bytes_in_use": 8 * gib - need + 1}, need, 0.9)
     check_scratch_fits({}, need, 0.9)  # no pool (CPU): nothing to check
 
