@@ -1,4 +1,5 @@
-"""The `pagedjax` command: `generate` (one prompt, offline), `serve` (the HTTP server) and `convert` (to Orbax).
+"""The `pagedjax` command: `generate` (one prompt, offline), `serve` (the HTTP server), `convert` (to Orbax)
+and `bench` (the latency, throughput and serve benchmarks of `benchmarks/`).
 
 In a multi-host run (`--num-processes N`), every process runs the same command with
 its own `--process-id`; process 0 does the work and the others execute its steps.
@@ -6,6 +7,7 @@ its own `--process-id`; process 0 does the work and the others execute its steps
 
 import argparse
 import os
+import runpy
 import sys
 import typing
 from dataclasses import fields
@@ -68,6 +70,26 @@ def cmd_follow(args) -> int:
     return 0
 
 
+BENCHMARKS = ("latency", "throughput", "serve")  # benchmarks/<name>.py, vLLM's `bench` semantics
+
+
+def cmd_bench(args) -> int:
+    """`pagedjax bench NAME ARGS` runs `python -m benchmarks.NAME ARGS` in this process."""
+    module = f"benchmarks.{args.benchmark}"
+    argv, sys.argv = sys.argv, [module, *args.args]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] in ("benchmarks", "engine", "models", "server", "sharding"):
+            raise
+        print(f"pagedjax: error: `pagedjax bench {args.benchmark}` needs {e.name}: pip install 'pagedjax[bench]'",
+              file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = argv
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pagedjax", description="A JAX/XLA serving engine for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +111,10 @@ def main(argv=None) -> int:
     c.add_argument("--tokenizer", help="tokenizer to store beside the weights (default: the model's own)")
     c.add_argument("--tp", type=int, default=1, help="devices to spread the weights over while converting")
 
+    b = sub.add_parser("bench", help="benchmark: latency, throughput (offline) or serve (HTTP), as vLLM's bench")
+    b.add_argument("benchmark", choices=BENCHMARKS)
+    b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's flags (pagedjax bench NAME --help)")
+
     try:
         from server import serve_cli
     except ImportError:
@@ -104,6 +130,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "convert":
             return cmd_convert(args)
+        if args.command == "bench":
+            return cmd_bench(args)
         if (getattr(args, "process_id", None) or 0) > 0:
             return cmd_follow(args)
         if args.command == "generate":

@@ -130,8 +130,9 @@ def test_poisson_arrivals_have_the_asked_rate():
 
 
 def test_latency_cli(tmp_path, ceilings_file):
+    """Through `pagedjax bench latency`, which runs `python -m benchmarks.latency` with the same flags."""
     out = tmp_path / "latency.json"
-    run_module("benchmarks.latency", *ENGINE, "--case", "1x16x8", "--case", "3x24x4", "--ttft-input-len", "40",
+    run_module("server.cli", "bench", "latency", *ENGINE, "--case", "1x16x8", "--case", "3x24x4", "--ttft-input-len", "40",
                "--repeats", "2", "--ttft-repeats", "2", "--ceilings", ceilings_file, "--out", str(out))
     r = json.loads(out.read_text())
     assert all(k in r for k in HEADER) and r["device"] == "cpu" and r["kind"] == "latency"
@@ -144,6 +145,16 @@ def test_latency_cli(tmp_path, ceilings_file):
     assert r["metrics"]["ttft"]["input_len"] == 40 and r["metrics"]["ttft"]["ttft_ms"] > 0
     assert r["roofline"]["ceilings"] == CEILINGS and r["roofline"]["ttft"]["floor_ms"] > 0
     assert r["engine"]["num_step_graphs"] == 2 and r["engine"]["attention_backend"]
+
+
+def test_bench_without_its_extra_says_what_to_install(monkeypatch, capsys):
+    from server import cli
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the command sets jax's pool fraction in it
+    monkeypatch.setitem(sys.modules, "httpx", None)  # as if `pagedjax[bench]` were not installed
+    monkeypatch.delitem(sys.modules, "benchmarks.serve")  # run afresh, as in a new process
+    assert cli.main(["bench", "serve", "--help"]) == 2
+    assert "needs httpx: pip install 'pagedjax[bench]'" in capsys.readouterr().err
 
 
 def test_throughput_cli_fits_the_budget(tmp_path, ceilings_file):
