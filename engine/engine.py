@@ -389,6 +389,6 @@ def check_scratch_fits(stats: dict, need: int, memory_utilization: float) -> Non
     if need > free:
         gib = 1 << 30
         raise EngineConfigError(
-            f"engine config: the compiled steps need up to {need / gib:.2f} GiB of scratch memory, but weights and KV cache leave "
-            f"{free / gib:.2f} GiB of the device's {stats['bytes_limit'] / gib:.2f} GiB pool: lower "
-            f"memory_utilization (now {memory_utilization}) or num_pages")
+            f"engine config: the compiled steps need up to {need / gib:.2f} GiB of scratch memory, but weights "
+            f"and KV cache leave {free / gib:.2f} GiB of the device's {stats['bytes_limit'] / gib:.2f} GiB pool: "
+            f"lower memory_utilization (now {memory_utilization}) or num_pages")

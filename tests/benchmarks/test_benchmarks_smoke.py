@@ -132,8 +132,9 @@ def test_poisson_arrivals_have_the_asked_rate():
 def test_latency_cli(tmp_path, ceilings_file):
     """Through `pagedjax bench latency`, which runs `python -m benchmarks.latency` with the same flags."""
     out = tmp_path / "latency.json"
-    run_module("server.cli", "bench", "latency", *ENGINE, "--case", "1x16x8", "--case", "3x24x4", "--ttft-input-len", "40",
-               "--repeats", "2", "--ttft-repeats", "2", "--ceilings", ceilings_file, "--out", str(out))
+    run_module("server.cli", "bench", "latency", *ENGINE, "--case", "1x16x8", "--case", "3x24x4",
+               "--ttft-input-len", "40", "--repeats", "2", "--ttft-repeats", "2", "--ceilings", ceilings_file,
+               "--out", str(out))
     r = json.loads(out.read_text())
     assert all(k in r for k in HEADER) and r["device"] == "cpu" and r["kind"] == "latency"
     assert r["command"].startswith("python -m benchmarks.latency --model tiny")

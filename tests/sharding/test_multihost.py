@@ -50,7 +50,8 @@ def test_tp2_across_two_processes_matches_one(tmp_path, pages):
     procs = [
         subprocess.Popen([sys.executable, str(HERE / "multihost_lead.py"), address, str(out), *_flags(settings)],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-        subprocess.Popen([sys.executable, "-m", "server.cli", "generate", *_flags(settings), "--coordinator-address", address,
+        subprocess.Popen([sys.executable, "-m", "server.cli", "generate", *_flags(settings),
+                          "--coordinator-address", address,
                           "--process-id", "1", "unused: process 1 runs process 0's steps"],
                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
     ]
