@@ -12,6 +12,9 @@ instructions of the optimized HLO by kind (`fusion(` counts nested computations 
 between variants, not with a profile), a hash of that HLO, and how far the logits of one step
 from a zeroed cache are from the first variant's.
 
+STEP_PROFILE=1 adds the GPU time a step of each kernel (a jax.profiler trace of 5 steps); STEP_HLO_DIR=DIR
+writes each variant's optimized HLO of each case there.
+
 Variants change one thing against `base` (the code as it is):
 
 - `normscale`: RMSNorm as a row scale on the product, (x * gain) @ w * rsqrt(mean(x^2) + eps),
@@ -20,7 +23,10 @@ Variants change one thing against `base` (the code as it is):
 - `both`: the two together;
 - `split1` to `split16`: decode attention with that many context splits instead of the GPU-filling
   rule; `kv16`, `kv32`, `kv128`: its context block; `warps2`, `warps8`, `stages2`, `stages4`: its
-  warps and pipeline stages (the decode `KernelConfig` otherwise as it is);
+  warps and pipeline stages; `evict_first`, `evict_last`: that eviction hint on its K/V loads (the
+  decode `KernelConfig` otherwise as it is);
+- `osplit2`, `osplit4`, `dsplit2`, `dsplit4`: the o (down) projection as 2 or 4 products over slices
+  of its contraction, summed in float32 with the residual add (a split-K written in jnp);
 - `cublas`, `tritononly`, `cublaslt`, `warpspec`, `exhaustive`: XLA options of the compile (cuBLAS
   for every GEMM, Triton for every GEMM, cuBLASLt instead of cuBLAS, Triton warp specialization,
   the exhaustive Triton tiling search).
@@ -39,6 +45,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -61,6 +68,7 @@ TABLE_WIDTH = 128  # block-table width, as the engine's at max_model_len 2048
 CASES = ((1, 16, 256), (1, 16, 1024), (192, 192, 1024))
 if os.environ.get("STEP_CASES"):
     CASES = tuple(tuple(int(n) for n in case.split("x")) for case in os.environ["STEP_CASES"].split(","))
+PROFILE = bool(os.environ.get("STEP_PROFILE"))  # also the GPU time per kernel of each case (a jax.profiler trace)
 SMOKE = bool(os.environ.get("BENCH_SMOKE"))  # the tiny preset on the CPU: checks the script only
 FUSED_MATMUL = reference.fused_matmul  # the projections' op as written (the "xla" backend runs it)
 
@@ -75,6 +83,23 @@ def norm_scale(x, w, *, norm_weight=None, eps=1e-6, swiglu=False, bias=None, res
     out = (out * r.reshape(r.shape + (1,) * (out.ndim - 2))).astype(x.dtype)
     out = out if bias is None else out + bias
     return out if residual is None else residual + out
+
+
+def split_k(x, w, *, norm_weight=None, eps=1e-6, swiglu=False, bias=None, residual=None, o=1, down=1,
+            inner=FUSED_MATMUL):
+    """`inner`, with the o projection (x of shape (T, H, D)) or down (`swiglu`) as `o` / `down` products
+    over slices of the contraction, summed in float32 before the rounding and the residual add: the
+    product's output tiles then fill the GPU `n` times over."""
+    n = down if swiglu else o if x.ndim == 3 else 1
+    if n == 1 or residual is None:
+        return inner(x, w, norm_weight=norm_weight, eps=eps, swiglu=swiglu, bias=bias, residual=residual)
+    if swiglu:
+        x = jax.nn.silu(x[:, 0]) * x[:, 1]
+    t, e = x.shape[0], w.shape[-1]
+    parts = jnp.einsum("tsk,ske->ste", x.reshape(t, n, -1), w.reshape(n, -1, e), preferred_element_type=jnp.float32)
+    out = parts.sum(axis=0).astype(x.dtype)
+    out = out if bias is None else out + bias
+    return residual + out
 
 
 def swiglu_exp(x, w, *, norm_weight=None, eps=1e-6, swiglu=False, bias=None, residual=None,
@@ -94,6 +119,10 @@ VARIANTS = {
     "both": {"matmul": functools.partial(swiglu_exp, inner=norm_scale)},
     **{f"split{n}": {"decode": {"num_splits": n}} for n in (1, 2, 4, 6, 8, 16)},
     **{f"kv{n}": {"decode": {"block_kv": n}} for n in (16, 32, 128)},
+    **{f"osplit{n}": {"split": {"o": n}} for n in (2, 4)},
+    **{f"dsplit{n}": {"split": {"down": n}} for n in (2, 4)},
+    "evict_first": {"decode": {"kv_load": (("eviction_policy", "evict_first"),)}},
+    "evict_last": {"decode": {"kv_load": (("eviction_policy", "evict_last"),)}},
     "warps2": {"decode": {"num_warps": 2}},
     "warps8": {"decode": {"num_warps": 8}},
     "stages2": {"decode": {"num_stages": 2}},
@@ -146,6 +175,21 @@ def hlo_kernels(text: str) -> dict:
     return counts
 
 
+def kernel_profile(compiled, state, tokens, cache, fields, steps: int = 5) -> dict:
+    """GPU time a step per kernel (us, the 25 longest, with their launches a step), from a trace of
+    `steps` steps; the cache the steps return comes back under "cache"."""
+    from benchmarks.profile_step import device_kernels, read_trace
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(steps):
+                logits, cache = compiled(state, tokens, cache, fields)
+            jax.block_until_ready(logits)
+        kernels = device_kernels(read_trace(trace_dir))
+    top = sorted(kernels.items(), key=lambda kv: -kv[1]["ms"])[:25]
+    return {"cache": cache, **{n[:100]: [round(t["ms"] * 1e3 / steps, 2), t["count"] / steps] for n, t in top}}
+
+
 def main() -> None:
     out_path, names = sys.argv[1], sys.argv[2:] or list(VARIANTS)
     cfg = ModelConfig.tiny() if SMOKE else ModelConfig.llama31_8b()
@@ -193,19 +237,30 @@ def main() -> None:
                     logits, cache = compiled(state, tokens, cache, fields)
                 jax.block_until_ready(logits)
                 times.append((time.perf_counter() - t0) / inner * 1e3)
+            if PROFILE:
+                res_kernels = kernel_profile(compiled, state, tokens, cache, fields)
+                cache = res_kernels.pop("cache")
             hlo = compiled.as_text()
             hlo = re.sub(r", metadata=\{[^}]*\}", "", hlo[hlo.index("HloModule"):])  # without source locations
+            if os.environ.get("STEP_HLO_DIR"):  # the optimized HLO of each variant and case, to read
+                with open(os.path.join(os.environ["STEP_HLO_DIR"], f"{name}_{key}.hlo.txt"), "w") as f:
+                    f.write(hlo)
             res[key] = {"ms": statistics.median(times), "min_ms": min(times), "compile_s": compile_s,
                         "kernels": hlo_kernels(hlo), "hlo_sha1": hashlib.sha1(hlo.encode()).hexdigest()[:12],
                         "max_abs_logit_diff_vs_first": diff,
                         "max_abs_logit": float(np.max(np.abs(logits)))}
+            if PROFILE:
+                res[key]["kernels_us_per_step"] = res_kernels
             print(name, key, res[key], flush=True)
 
     default_decode = pallas_gpu.DECODE
     for i, name in enumerate(names):
         jax.clear_caches()
         variant = combined(name)
-        reference.fused_matmul = variant.get("matmul", FUSED_MATMUL)  # what models.projection calls
+        matmul = variant.get("matmul", FUSED_MATMUL)
+        if "split" in variant:
+            matmul = functools.partial(split_k, **variant["split"], inner=matmul)
+        reference.fused_matmul = matmul  # what models.projection calls
         pallas_gpu.DECODE = dataclasses.replace(default_decode, **variant.get("decode", {}))
         res = {}
         try:
