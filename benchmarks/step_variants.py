@@ -23,8 +23,7 @@ Variants change one thing against `base` (the code as it is):
 - `both`: the two together;
 - `split1` to `split16`: decode attention with that many context splits instead of the GPU-filling
   rule; `kv16`, `kv32`, `kv128`: its context block; `warps2`, `warps8`, `stages2`, `stages4`: its
-  warps and pipeline stages; `evict_first`, `evict_last`: that eviction hint on its K/V loads (the
-  decode `KernelConfig` otherwise as it is);
+  warps and pipeline stages (the decode `KernelConfig` otherwise as it is);
 - `osplit2`, `osplit4`, `dsplit2`, `dsplit4`: the o (down) projection as 2 or 4 products over slices
   of its contraction, summed in float32 with the residual add (a split-K written in jnp);
 - `cublas`, `tritononly`, `cublaslt`, `warpspec`, `exhaustive`: XLA options of the compile (cuBLAS
@@ -121,8 +120,6 @@ VARIANTS = {
     **{f"kv{n}": {"decode": {"block_kv": n}} for n in (16, 32, 128)},
     **{f"osplit{n}": {"split": {"o": n}} for n in (2, 4)},
     **{f"dsplit{n}": {"split": {"down": n}} for n in (2, 4)},
-    "evict_first": {"decode": {"kv_load": (("eviction_policy", "evict_first"),)}},
-    "evict_last": {"decode": {"kv_load": (("eviction_policy", "evict_last"),)}},
     "warps2": {"decode": {"num_warps": 2}},
     "warps8": {"decode": {"num_warps": 8}},
     "stages2": {"decode": {"num_stages": 2}},

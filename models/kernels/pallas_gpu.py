@@ -64,7 +64,6 @@ class KernelConfig:
     num_warps: int
     num_stages: int  # software-pipelining depth of the K/V loads
     short_rows: int | None = None  # a smaller tile for query blocks whose tokens fit it (None: always tile_rows)
-    kv_load: tuple[tuple[str, str], ...] = ()  # cache hints of the K/V loads (plgpu.load's eviction_policy)
 
 
 DECODE = KernelConfig(tile_rows=16, block_kv=64, num_splits=None, num_warps=4, num_stages=3)
@@ -107,10 +106,10 @@ def _attend(
     bt_ref,  # (B, P)
     lens_ref,  # (B,)
     pos_ref,  # (T,)
-    blk_row_ref,  # (NQ,) row of each query block (B: padding tokens, no row)
+    blk_row_ref,  # (NQ,) row of each query block
     blk_lo_ref,  # (NQ,) its first token
     blk_hi_ref,  # (NQ,) one past its last token (== lo for unused blocks)
-    *out_refs,  # unsplit: o (T, H, D); split: o (S, T, H, D), m, l (S, T, H), f32
+    *out_refs,  # unsplit: zeros (T, H, D) aliased to o (T, H, D); split: o (S, T, H, D), m, l (S, T, H), f32
     ids: tuple,  # the program's (query block, KV head, split)
     tile_rows: int,
     group: int,
@@ -119,15 +118,12 @@ def _attend(
     block_kv: int,
     num_splits: int,
     scale_log2: float,
-    kv_load: tuple[tuple[str, str], ...],
 ):
     blk, kv, split = ids
     d = q_ref.shape[-1]
 
     # 1. Tile row r is token lo + r // group_pad, query head r % group_pad of this KV head.
     row = blk_row_ref[blk]
-    real = row < lens_ref.shape[0]  # else a block of padding tokens: it sees no context
-    row = jnp.minimum(row, lens_ref.shape[0] - 1)
     lo, hi = blk_lo_ref[blk], blk_hi_ref[blk]
     r = jnp.arange(tile_rows)
     tok = lo + lax.shift_right_logical(r, group_pad.bit_length() - 1)
@@ -144,7 +140,7 @@ def _attend(
 
     # 2. The block sees context 0..max(pos), never past seq_len; this split takes a share.
     # Blocks before `n_full` are visible to every live row: those skip all masking.
-    seq_len = jnp.where(real, lens_ref[row], 0)
+    seq_len = lens_ref[row]
     ctx_len = jnp.minimum(seq_len, jnp.max(pos) + 1)
     n_blocks = pl.cdiv(ctx_len, block_kv)
     per_split = pl.cdiv(n_blocks, num_splits)
@@ -163,7 +159,6 @@ def _attend(
         live = ctx < ctx_len
         row_opts = dict(mask=live, other=0) if masked else {}
         kv_opts = dict(mask=jnp.broadcast_to(live[:, None], (block_kv, d)), other=0.0) if masked else {}
-        kv_opts |= dict(kv_load)
         page = plgpu.load(bt_ref.at[row, lax.shift_right_logical(ctx, page_shift)], **row_opts)
         kv_rows = page * page_size + (ctx & (page_size - 1))
         k = plgpu.load(k_ref.at[kv, kv_rows[:, None], col], **kv_opts)  # (BK, D)
@@ -188,7 +183,7 @@ def _attend(
 
     # 4. The normalised output (rows that saw nothing: 0 / max(0, tiny) = 0), or this split's part.
     if num_splits == 1:
-        (o_ref,) = out_refs
+        _, o_ref = out_refs
         out = acc / jnp.maximum(l, 1e-30)[:, None]
         plgpu.store(o_ref.at[q_at], out.astype(o_ref.dtype), mask=row_mask)
     else:
@@ -203,25 +198,20 @@ def query_block_schedule(
 ) -> tuple[Int[Array, " NQ"], Int[Array, " NQ"], Int[Array, " NQ"]]:
     """Split every row's tokens into blocks of at most block_q: (row, lo, hi) per block.
 
-    The blocks no row needs cover the padding tokens after the last row (row == B: no row, no
-    context, so the kernel writes their zeros) and then stay empty (lo == hi == 0). There are
-    always enough: the rows' blocks and the padding's number at most sum_b (n_b / block_q + 1)
-    + pad / block_q + 1 <= T // block_q + B + 1, and each holds a token, so at most T.
+    sum_b ceil(n_b / block_q) <= T // block_q + B, and a used block holds a token, so
+    min(T // block_q + B, T) blocks always suffice; unused blocks get lo == hi == 0.
     """
     b = query_start_loc.shape[0] - 1
     counts = (query_start_loc[1:] - query_start_loc[:-1] + block_q - 1) // block_q  # (B,)
     ends = jnp.cumsum(counts)
-    blk = jnp.arange(min(num_tokens // block_q + b + 1, num_tokens))
+    blk = jnp.arange(min(num_tokens // block_q + b, num_tokens))
     # compare_all: one fused comparison, where the default binary search is a loop of small launches
-    row = jnp.searchsorted(ends, blk, side="right", method="compare_all")  # == B past the rows' blocks
-    r = jnp.minimum(row, b - 1)
-    lo = query_start_loc[r] + (blk - (ends[r] - counts[r])) * block_q
-    hi = jnp.minimum(lo + block_q, query_start_loc[r + 1])
-    pad_lo = query_start_loc[b] + (blk - ends[b - 1]) * block_q  # the padding, block by block
-    pad_hi = jnp.minimum(pad_lo + block_q, num_tokens)
-    lo, hi = jnp.where(row < b, lo, jnp.minimum(pad_lo, pad_hi)), jnp.where(row < b, hi, pad_hi)
-    empty = lo >= hi
-    lo, hi = jnp.where(empty, 0, lo), jnp.where(empty, 0, hi)
+    row = jnp.searchsorted(ends, blk, side="right", method="compare_all")  # == B when unused
+    used = row < b
+    row = jnp.minimum(row, b - 1)
+    lo = query_start_loc[row] + (blk - (ends[row] - counts[row])) * block_q
+    hi = jnp.minimum(lo + block_q, query_start_loc[row + 1])
+    lo, hi = jnp.where(used, lo, 0), jnp.where(used, hi, 0)
     return row.astype(jnp.int32), lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
@@ -271,7 +261,6 @@ def paged_attention_kernel(
         block_kv=config.block_kv,
         num_splits=splits,
         scale_log2=scale * LOG2E,
-        kv_load=config.kv_load,
     )
     args = (
         q,
@@ -292,8 +281,10 @@ def paged_attention_kernel(
         interpret=interpret,
         name=f"paged_attention_r{tile_rows}_k{config.block_kv}_s{splits}",
     )
-    if splits == 1:  # every token is some block's, the padding's too: each is written once
-        return call(out_shape=jax.ShapeDtypeStruct((t, h, d), q.dtype))(*args)
+    if splits == 1:
+        zeros = jnp.zeros((t, h, d), q.dtype)  # tokens no block covers keep these
+        out_shape = jax.ShapeDtypeStruct((t, h, d), q.dtype)
+        return call(out_shape=out_shape, input_output_aliases={len(args): 0})(*args, zeros)
 
     out_shape = (
         jax.ShapeDtypeStruct((splits, t, h, d), jnp.float32),
@@ -304,7 +295,9 @@ def paged_attention_kernel(
     weight = jnp.exp2(m - jnp.max(m, axis=0))  # 0 for empty splits unless all are
     total = jnp.sum(l * weight, axis=0)
     out = jnp.sum(o * weight[..., None], axis=0) / jnp.maximum(total, 1e-30)[..., None]
-    return out.astype(q.dtype)
+    token = jnp.arange(t)
+    covered = (token >= qsl[0]) & (token < qsl[-1])  # the rest were never written
+    return jnp.where(covered[:, None, None], out, 0.0).astype(q.dtype)
 
 
 def paged_attention(
