@@ -10,7 +10,9 @@
    dispatch keeps the GPU busy; block_until_ready on the last), after warm-up.
    Effective bandwidth counts the K/V bytes each token's context needs, read once
    per KV head (what a perfect kernel reads), plus q and the output.
-   --sweep also times several block sizes / warps / stages of the kernel.
+   --sweep also times several block sizes / warps / stages of the kernel; --batches B1,B2,..
+   times only the decode kernel at those batch sizes (a partial last wave of programs shows
+   as a higher time a row).
 
 Every K/V page of the cache holds random data, and block tables scatter pages at
 random, so timing never runs on zeros or on a contiguous cache.
@@ -312,11 +314,28 @@ def cudnn_prompt_timing():
     return out
 
 
+def batch_sweep(rng, batches) -> list[dict]:
+    """The decode kernel alone at these batch sizes, context 1536 (all equal, then spread +-512):
+    time a row, to see whether the last partial wave of programs costs."""
+    runs = []
+    for spread in (0, 512):
+        for batch in batches:
+            meta, n_pages = make_step(rng, decode_rows(rng, batch, 1536, spread), page_size=16, spare_rows=1)
+            q, k, v = make_inputs(0, meta, n_pages, heads=32, kv_heads=8, head_dim=128, page_size=16)
+            t = time_call(jax.jit(functools.partial(pallas_gpu.paged_attention, scale=128**-0.5)), q, k, v, meta)
+            nbytes, _ = traffic(meta, heads=32, kv_heads=8, head_dim=128)
+            runs.append({"batch": batch, "spread": spread, "ms": t["median_ms"],
+                         "us_per_row": t["median_ms"] * 1e3 / batch, "tb_per_s": nbytes / t["median_ms"] / 1e9})
+            print(runs[-1], flush=True)
+    return runs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="where to write the JSON results")
     parser.add_argument("--sweep", action="store_true", help="also time several kernel configurations")
     parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--batches", help="only time the decode kernel at these batch sizes (comma-separated)")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -334,6 +353,11 @@ def main():
                  "'pallas rR kK wW sS' is one launch of the kernel over all rows with tile_rows R, block_kv K, "
                  "num_warps W, num_stages S; 'xla reference' is models.kernels.reference under jit",
     }
+    if args.batches:
+        result["batch_sweep"] = batch_sweep(rng, [int(b) for b in args.batches.split(",")])
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        return
     if not args.skip_checks:
         result["checks"] = run_checks(rng)
         result["write_checks"] = run_write_checks(rng)

@@ -216,7 +216,9 @@ def profile_mixed(engine, batch: int, context: int, trace_dir: str) -> dict:
             engine.step()
             wall = (time.perf_counter() - t0) * 1e3
     _finish(engine, ids)
-    return {"workload": f"{batch} decodes at context ~{context} and a fresh prompt of {context} tokens in one step",
+    chunk = min(context, engine.config.max_num_batched_tokens - batch)  # the prompt's first chunk
+    return {"workload": f"{batch} decodes at context ~{context} and the first {chunk} tokens of a fresh prompt "
+                        f"of {context} in one step",
             **summarize(device_kernels(read_trace(trace_dir)), wall, 1)}
 
 

@@ -42,9 +42,12 @@
 # Engine settings (the defaults are sized for CPU tests):
 #   --max-model-len 2048       the longest request (1024 + 1024); block tables stay 128 pages wide
 #   --page-size 16             the page size of the issue's goals
-#   --max-num-batched-tokens 2048
-#                              prefill chunks of 2048 tokens keep the matmuls compute-bound (8B: ~33 TFLOP
-#                              a step) and a 1024-token prompt fits in one step (TTFT)
+#   --max-num-batched-tokens 1024 (8B) / 2048 (1B)
+#                              a 1024-token prompt fits in one step (TTFT); with a full decode batch
+#                              running, a step carries it plus a prompt chunk of 1024 - S tokens,
+#                              compute-bound already (8B: 1024 rows, ~14 TFLOP). 8B offline, one call
+#                              (results/offline-budget_h100): 1024 -> 7,970, 2048 -> 7,922, 512 -> 7,931
+#                              output tok/s: more steps carry decode rows at the matmul rate
 #   --max-num-seqs 256 (1B) / 224 (8B)
 #                              vLLM's default concurrency is 256; 8B's K/V (128 KiB a token) for 224
 #                              sequences of 2048 tokens is 56 GiB, what 0.95 of the pool holds beside
@@ -54,13 +57,13 @@
 #                              of jax's pool, XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 of the GPU (as
 #                              `pagedjax` sets it); the rest is the steps' scratch, which the engine
 #                              checks at start-up (warmup_report.scratch_bytes)
-#   --token-buckets 16,64,S,1024,1280,1536,2048 (S = max-num-seqs)
-#                              batch-1 decode, small batches, a full decode batch, one 1024-token
-#                              prompt (TTFT), a full decode batch beside one or two fresh prompts
-#                              (the offline run's usual step: S decodes + 1024 no longer pads to
-#                              2048), a full prefill chunk
+#   --token-buckets 16,64,224,512,1024 (8B) / 16,64,256,1024,1280,1536,2048 (1B)
+#                              batch-1 decode, small batches, a full decode batch, (8B) a full batch
+#                              beside a short chunk, one 1024-token prompt (TTFT) or a full step;
+#                              (1B) a full decode batch beside one or two fresh prompts (S decodes +
+#                              1024 no longer pads to 2048), a full prefill chunk
 #   block tables stay one width (128 pages, the default with the GPU kernel, whose cost follows
-#   each row's length): 7 step graphs plus the fused decode graphs of the buckets <= S (3)
+#   each row's length): 5 (8B) / 7 (1B) step graphs plus the fused decode graphs of the buckets <= S (3)
 set -u
 
 export PYTHONUNBUFFERED=1
@@ -87,12 +90,12 @@ device=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1
 echo "benchmark run: stages ${stages[*]}; ${device:-no nvidia-smi}; $($py --version 2>&1)"
 
 roofline="$work/results/roofline.json"
-common=(--page-size 16 --max-model-len 2048 --max-num-batched-tokens 2048)
+common=(--page-size 16 --max-model-len 2048)
 m8=llama-3.1-8b m1=llama-3.2-1b vocab=128256
 engine8b=(--model $m8 "${common[@]}" --memory-utilization 0.95 --max-num-seqs 224
-          --token-buckets 16,64,224,1024,1280,1536,2048)
+          --max-num-batched-tokens 1024 --token-buckets 16,64,224,512,1024)
 engine1b=(--model $m1 "${common[@]}" --memory-utilization 0.9 --max-num-seqs 256
-          --token-buckets 16,64,256,1024,1280,1536,2048)
+          --max-num-batched-tokens 2048 --token-buckets 16,64,256,1024,1280,1536,2048)
 workloads=(--case 1x128x256 --ttft-input-len 1024 --repeats 3 --ttft-repeats 10
            --num-prompts 1000 --input-len 1024 --output-len 1024)
 budget8b=${BUDGET_8B:-75} budget1b=${BUDGET_1B:-60}  # seconds the offline run may take (N fitted to it)

@@ -306,7 +306,7 @@ def test_profile_sums_kernels_by_kind(tmp_path):
                "--offline", "12", "--output-len", "6", "--offline-steps", "3", "--steps", "2", "--out", str(out))
     result = json.loads(out.read_text())
     assert [p["workload"] for p in result["profiles"]] == [
-        "decode, batch 2, context ~24", "2 decodes at context ~24 and a fresh prompt of 24 tokens in one step",
+        "decode, batch 2, context ~24", "2 decodes at context ~24 and the first 24 tokens of a fresh prompt of 24 in one step",
         "one prompt of 40 tokens, first token (TTFT)",
         "offline, 12 prompts x 24 in x 6 out, 3 engine steps once requests leave and join"]
     assert result["profiles"][3]["steps"] == 3 and result["profiles"][3]["wall_ms_per_step"] > 0
@@ -335,12 +335,14 @@ def test_step_kinds_count_fused_calls_and_the_pipeline():
 
 def test_step_variants_change_the_compiled_step(tmp_path):
     """benchmarks/step_variants.py on the tiny preset: each case timed, and a variant really reaches the
-    compiled step (SwiGLU written with exp compiles to another HLO than the default, which compiles
-    to the same one twice)."""
-    out = tmp_path / "variants.json"
+    compiled step (SwiGLU written with exp, or o as four products, compiles to another HLO than the
+    default, which compiles to the same one twice); the per-kernel profile and the HLO files."""
+    out, hlo_dir = tmp_path / "variants.json", tmp_path / "hlo"
+    hlo_dir.mkdir()
     proc = subprocess.run([sys.executable, "-m", "benchmarks.step_variants", str(out), "base", "swiglu_exp+split8",
-                           "base"],
-                          cwd=REPO, env={**ENV, "BENCH_SMOKE": "1"}, capture_output=True, text=True, timeout=300)
+                           "osplit4", "base"],
+                          cwd=REPO, env={**ENV, "BENCH_SMOKE": "1", "STEP_PROFILE": "1", "STEP_HLO_DIR": str(hlo_dir)},
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     result = json.loads(out.read_text())
     assert result["command"].startswith("python -m benchmarks.step_variants") and result["device"]
@@ -348,6 +350,9 @@ def test_step_variants_change_the_compiled_step(tmp_path):
     for name, res in result["variants"].items():
         assert list(res) == cases, (name, res)
         assert all(res[c]["ms"] > 0 and res[c]["kernels"]["fusion"] > 0 for c in cases)
-    base, again, changed = (result["variants"][k] for k in ("base", "base (3)", "swiglu_exp+split8"))
-    for case in cases:
-        assert base[case]["hlo_sha1"] == again[case]["hlo_sha1"] != changed[case]["hlo_sha1"], case
+        assert all(isinstance(res[c]["kernels_us_per_step"], dict) for c in cases)  # empty on the CPU: no GPU kernels
+        assert all((hlo_dir / f"{name.split(' ')[0]}_{c}.hlo.txt").read_text().startswith("HloModule") for c in cases)
+    base, again = result["variants"]["base"], result["variants"]["base (4)"]
+    for changed in (result["variants"]["swiglu_exp+split8"], result["variants"]["osplit4"]):
+        for case in cases:
+            assert base[case]["hlo_sha1"] == again[case]["hlo_sha1"] != changed[case]["hlo_sha1"], case
