@@ -25,7 +25,8 @@ Variants change one thing against `base` (the code as it is):
   rule; `kv16`, `kv32`, `kv128`: its context block; `warps2`, `warps8`, `stages2`, `stages4`: its
   warps and pipeline stages (the decode `KernelConfig` otherwise as it is);
 - `osplit2`, `osplit4`, `dsplit2`, `dsplit4`: the o (down) projection as 2 or 4 products over slices
-  of its contraction, summed in float32 with the residual add (a split-K written in jnp);
+  of its contraction, summed in float32 with the residual add (a split-K written in jnp; on the GPU,
+  XLA folds a sum of two back into one product, so `osplit2` and `dsplit2` compile to `base`'s kernels);
 - `cublas`, `tritononly`, `cublaslt`, `warpspec`, `exhaustive`: XLA options of the compile (cuBLAS
   for every GEMM, Triton for every GEMM, cuBLASLt instead of cuBLAS, Triton warp specialization,
   the exhaustive Triton tiling search).
@@ -87,8 +88,8 @@ def norm_scale(x, w, *, norm_weight=None, eps=1e-6, swiglu=False, bias=None, res
 def split_k(x, w, *, norm_weight=None, eps=1e-6, swiglu=False, bias=None, residual=None, o=1, down=1,
             inner=FUSED_MATMUL):
     """`inner`, with the o projection (x of shape (T, H, D)) or down (`swiglu`) as `o` / `down` products
-    over slices of the contraction, summed in float32 before the rounding and the residual add: the
-    product's output tiles then fill the GPU `n` times over."""
+    over slices of the contraction (a batched product, `n` times the output tiles), summed in float32
+    before the rounding and the residual add."""
     n = down if swiglu else o if x.ndim == 3 else 1
     if n == 1 or residual is None:
         return inner(x, w, norm_weight=norm_weight, eps=eps, swiglu=swiglu, bias=bias, residual=residual)
