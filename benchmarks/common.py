@@ -205,7 +205,7 @@ def engine_info(engine) -> dict:
 
 def device_memory(engine) -> dict | None:
     """The first device's memory pool as the engine left it: limit, in use (weights + cache) and peak, GiB."""
-    stats = engine.mesh.local_devices[0].memory_stats()
+    stats = engine.memory_stats()
     keys = ("bytes_limit", "bytes_in_use", "peak_bytes_in_use")
     return {k.replace("bytes", "gib"): stats[k] / (1 << 30) for k in keys if k in stats} if stats else None
 

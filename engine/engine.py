@@ -121,8 +121,7 @@ class LLMEngine:
         )
         del self.kv_cache  # the runner owns (and donates) the only reference
         self.warmup_seconds = self.runner.warmup(progress=progress)
-        check_scratch_fits(self.mesh.local_devices[0].memory_stats() or {}, self.runner.warmup_report["scratch_bytes"],
-                           config.memory_utilization)
+        check_scratch_fits(self.memory_stats(), self.runner.warmup_report["scratch_bytes"], config.memory_utilization)
         self._requests: dict[str, _Request] = {}
         self._inflight = None  # _dispatch's (plans, runner.Call, ahead_ok): the call queued, not yet recorded
         if jax.process_count() > 1 and jax.process_index() == 0:
@@ -149,10 +148,15 @@ class LLMEngine:
         """On process 0 of a multi-host run: release the other processes from `follow()`."""
         self.runner.stop_followers()
 
+    def memory_stats(self) -> dict:
+        """This process's first device's memory pool (jax's memory_stats(): bytes_limit, bytes_in_use,
+        peak_bytes_in_use, ...); {} where the device reports none (CPU)."""
+        return self.mesh.local_devices[0].memory_stats() or {}
+
     def _pages_from_memory(self, served) -> int:
         """Pages of one data shard: what one device's free memory holds of its share of each page."""
         per_page = kv_cache_bytes_per_page(served, self.config.page_size, self.dtype) // self.config.tp
-        stats = self.mesh.local_devices[0].memory_stats() or {}
+        stats = self.memory_stats()
         if "bytes_limit" in stats:
             free = stats["bytes_limit"] * self.config.memory_utilization - stats.get("bytes_in_use", 0)
         else:  # CPU: no device memory figure; enough for every sequence at full length, capped at 1 GiB
