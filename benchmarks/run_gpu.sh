@@ -57,13 +57,14 @@
 #                              of jax's pool, XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 of the GPU (as
 #                              `pagedjax` sets it); the rest is the steps' scratch, which the engine
 #                              checks at start-up (warmup_report.scratch_bytes)
-#   --token-buckets 16,64,224,512,1024 (8B) / 16,64,256,1024,1280,1536,2048 (1B)
-#                              batch-1 decode, small batches, a full decode batch, (8B) a full batch
+#   --token-buckets 4,16,64,224,512,1024 (8B) / 16,64,256,1024,1280,1536,2048 (1B)
+#                              batch-1 decode (8B: one row padded to 4 tokens decodes 3% faster than
+#                              padded to 16, results/token-buckets_h100), small batches, a full decode batch, (8B) a full batch
 #                              beside a short chunk, one 1024-token prompt (TTFT) or a full step;
 #                              (1B) a full decode batch beside one or two fresh prompts (S decodes +
 #                              1024 no longer pads to 2048), a full prefill chunk
 #   block tables stay one width (128 pages, the default with the GPU kernel, whose cost follows
-#   each row's length): 5 (8B) / 7 (1B) step graphs plus the fused decode graphs of the buckets <= S (3)
+#   each row's length): 6 (8B) / 7 (1B) step graphs plus the fused decode graphs of the buckets <= S (3)
 set -u
 
 export PYTHONUNBUFFERED=1
@@ -93,7 +94,7 @@ roofline="$work/results/roofline.json"
 common=(--page-size 16 --max-model-len 2048)
 m8=llama-3.1-8b m1=llama-3.2-1b vocab=128256
 engine8b=(--model $m8 "${common[@]}" --memory-utilization 0.95 --max-num-seqs 224
-          --max-num-batched-tokens 1024 --token-buckets 16,64,224,512,1024)
+          --max-num-batched-tokens 1024 --token-buckets 4,16,64,224,512,1024)
 engine1b=(--model $m1 "${common[@]}" --memory-utilization 0.9 --max-num-seqs 256
           --max-num-batched-tokens 2048 --token-buckets 16,64,256,1024,1280,1536,2048)
 workloads=(--case 1x128x256 --ttft-input-len 1024 --repeats 3 --ttft-repeats 10

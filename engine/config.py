@@ -28,7 +28,7 @@ class EngineConfig:
     memory_utilization: float = 0.9
     max_num_seqs: int = 64  # sequences in one step (of each data shard)
     max_num_batched_tokens: int = 512  # tokens in one step, per data shard (chunked prefill splits longer prompts)
-    token_buckets: tuple[int, ...] | None = None  # padded step sizes; None: powers of two up to the budget
+    token_buckets: tuple[int, ...] | None = None  # padded step sizes; None: 4, 16, 64, ... up to the budget
     page_buckets: tuple[int, ...] | None = None  # padded block-table widths; None: max, max/4, max/16
     compilation_cache_dir: str | None = None  # jax's persistent compilation cache (fast restarts)
     tp: int = 1  # tensor parallelism (model axis of the mesh)

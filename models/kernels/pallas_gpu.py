@@ -53,7 +53,11 @@ LOG2E = math.log2(math.e)
 MIN_DOT_ROWS = 16  # Triton's tensor-core products take at least 16 rows
 NO_SCORE = -1e30  # initial running max: finite, so exp2(max_old - max_new) never meets inf - inf
 TARGET_PROGRAMS = 2 * 132  # programs that keep an H100's 132 SMs busy (sets the context split)
-MAX_SPLITS = 16
+# Most programs of a small bucket's grid are padding that exits at once, yet more splits still cost:
+# one row padded to 4 tokens (32 query-block x KV-head programs) decodes the 8B shape 0.1 ms a token
+# faster with 6 splits than with the 9 that TARGET_PROGRAMS asks for (one H100, context 256 and 1024;
+# 16 splits are slower still: benchmarks/NOTES-attention.md).
+MAX_SPLITS = 6
 
 
 @dataclasses.dataclass(frozen=True)
