@@ -3,9 +3,10 @@ under variants of how the step is written or compiled, each timed beside the oth
 
     python -m benchmarks.step_variants OUT.json [VARIANT ...]      (default: every variant)
 
-Cases (STEP_CASES="ROWSxBUCKETxCONTEXT,..." replaces them): 1 decode row in the 16-token bucket
-at context 256 and 1024, and 192 rows at context 1024, padded as the runner pads them (one
-block-table width of 128 pages). Each variant gets a fresh trace (the jit caches are cleared)
+Cases (STEP_CASES="ROWSxBUCKETxCONTEXT,..." replaces them): 1 decode row in the 4-token bucket
+(the runner's smallest) at context 256 and 1024, and 192 rows at context 1024, padded as the
+runner pads them (one block-table width of 128 pages); results before 2026-12-06's 9352e51 used
+the 16-token bucket for the single row. Each variant gets a fresh trace (the jit caches are cleared)
 and its own compile; the step donates the cache, as the engine's does. Reported per case: the
 median and minimum of 15 timings of 10 steps, the compile time, the kernel-launching
 instructions of the optimized HLO by kind (`fusion(` counts nested computations too: compare it
@@ -65,7 +66,7 @@ from sharding import Placement, make_mesh
 PAGE = 16
 TABLE_WIDTH = 128  # block-table width, as the engine's at max_model_len 2048
 # (rows, token bucket, context)
-CASES = ((1, 16, 256), (1, 16, 1024), (192, 192, 1024))
+CASES = ((1, 4, 256), (1, 4, 1024), (192, 192, 1024))
 if os.environ.get("STEP_CASES"):
     CASES = tuple(tuple(int(n) for n in case.split("x")) for case in os.environ["STEP_CASES"].split(","))
 PROFILE = bool(os.environ.get("STEP_PROFILE"))  # also the GPU time per kernel of each case (a jax.profiler trace)

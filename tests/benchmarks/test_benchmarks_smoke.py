@@ -346,7 +346,7 @@ def test_step_variants_change_the_compiled_step(tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     result = json.loads(out.read_text())
     assert result["command"].startswith("python -m benchmarks.step_variants") and result["device"]
-    cases = ["rows1_bucket16_ctx256", "rows1_bucket16_ctx1024", "rows192_bucket192_ctx1024"]
+    cases = ["rows1_bucket4_ctx256", "rows1_bucket4_ctx1024", "rows192_bucket192_ctx1024"]
     for name, res in result["variants"].items():
         assert list(res) == cases, (name, res)
         assert all(res[c]["ms"] > 0 and res[c]["kernels"]["fusion"] > 0 for c in cases)
