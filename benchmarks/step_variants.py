@@ -30,7 +30,10 @@ Variants change one thing against `base` (the code as it is):
   XLA folds a sum of two back into one product, so `osplit2` and `dsplit2` compile to `base`'s kernels);
 - `cublas`, `tritononly`, `cublaslt`, `warpspec`, `exhaustive`: XLA options of the compile (cuBLAS
   for every GEMM, Triton for every GEMM, cuBLASLt instead of cuBLAS, Triton warp specialization,
-  the exhaustive Triton tiling search).
+  the exhaustive Triton tiling search);
+- `heroless`, `tritonmof`, `fusionautotune`: XLA's experimental fusion options that could take
+  elementwise neighbours (the residual add, the norm) into the GEMMs' Triton fusions: Triton fusions
+  without a hero in priority fusion, Triton multi-output fusions, the fusion autotuner.
 
 XLA keeps its autotuning results for the life of the process, so a variant that only changes
 autotuning (`exhaustive`, `tritononly`, `cublaslt`) must run in a process of its own to mean
@@ -131,6 +134,9 @@ VARIANTS = {
     "cublaslt": {"options": {"xla_gpu_enable_cublaslt": True}},
     "warpspec": {"options": {"xla_gpu_experimental_enable_triton_warp_specialization": True}},
     "exhaustive": {"options": {"xla_gpu_exhaustive_tiling_search": True}},
+    "heroless": {"options": {"xla_gpu_experimental_enable_triton_heroless_priority_fusion": True}},
+    "tritonmof": {"options": {"xla_gpu_unsupported_enable_triton_multi_output_fusion": True}},
+    "fusionautotune": {"options": {"xla_gpu_experimental_enable_fusion_autotuner": True}},
 }
 
 

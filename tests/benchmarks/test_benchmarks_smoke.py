@@ -356,3 +356,14 @@ def test_step_variants_change_the_compiled_step(tmp_path):
     for changed in (result["variants"]["swiglu_exp+split8"], result["variants"]["osplit4"]):
         for case in cases:
             assert base[case]["hlo_sha1"] == again[case]["hlo_sha1"] != changed[case]["hlo_sha1"], case
+
+
+def test_sampler_benchmark_times_each_variant(tmp_path):
+    """benchmarks/sampler.py on the CPU at a small vocabulary: every (variant, rows) case timed."""
+    out = tmp_path / "sampler.json"
+    run_module("benchmarks.sampler", "--rows", "1", "--rows", "3", "--vocab", "1000", "--profile", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("python -m benchmarks.sampler") and result["vocab"] == 1000
+    assert sorted(result["cases"]) == ["plain_rows1", "plain_rows3", "ranked_rows1", "ranked_rows3"]
+    assert all(c["us"] >= c["min_us"] > 0 and isinstance(c["kernels_us_per_call"], dict)
+               for c in result["cases"].values())
