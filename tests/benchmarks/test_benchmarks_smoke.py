@@ -367,3 +367,17 @@ def test_sampler_benchmark_times_each_variant(tmp_path):
     assert sorted(result["cases"]) == ["plain_rows1", "plain_rows3", "ranked_rows1", "ranked_rows3"]
     assert all(c["us"] >= c["min_us"] > 0 and isinstance(c["kernels_us_per_call"], dict)
                for c in result["cases"].values())
+
+
+def test_schedule_counts_waves_and_preemptions():
+    """benchmarks/schedule.py drives the engine's scheduler through an offline run: 12 prompts at a
+    concurrency of 6 run in 2 waves, at 5 in 3 (the third of 2 decoding nearly alone), which costs
+    steps; a cache too small for the concurrency preempts, an ample one does not."""
+    from benchmarks.schedule import simulate
+
+    kw = dict(num_prompts=12, input_len=32, output_len=32, max_num_batched_tokens=64, page_size=8)
+    five, six = (simulate(s, 4096, **kw) for s in (5, 6))
+    assert five["preemptions"] == six["preemptions"] == 0
+    assert six["steps"] < 0.75 * five["steps"]
+    tight = simulate(6, 6 * 48, **kw)  # six sequences of up to 63 cached tokens need 6 x 8 pages at once
+    assert tight["preemptions"] > 0 and tight["peak_pages"] <= tight["pages"]
