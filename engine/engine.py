@@ -104,8 +104,12 @@ class LLMEngine:
         served = mc.replace(num_heads=placement.heads.served_heads, num_kv_heads=placement.heads.served_kv_heads)
         num_pages = config.num_pages or self._pages_from_memory(served)  # of each data shard
         shape = (served.num_kv_heads, config.dp * num_pages, config.page_size, served.head_dim)
-        self.kv_cache = allocate_kv_cache(served, config.dp * num_pages, config.page_size, self.dtype,
-                                          sharding=placement.sharding(CACHE_AXES, shape))
+        cache_sharding = placement.sharding(CACHE_AXES, shape)
+        # The steps compile against the cache's shape before it is allocated: XLA's autotuner borrows
+        # device memory while it compiles (a split-K trial of the 8B logits product asked for 1018 MiB
+        # on an H100), which a pool already given to the cache cannot lend, and start-up failed.
+        cache_spec = jax.ShapeDtypeStruct(shape, self.dtype, sharding=cache_sharding)
+        cache_spec = [(cache_spec, cache_spec) for _ in range(served.num_layers)]
         eos = set(mc.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
         self.scheduler = DataParallelScheduler(
@@ -114,13 +118,15 @@ class LLMEngine:
             num_pages, config.page_size, self.eos_token_ids, config.dp, seed=config.seed,
         )
         self.runner = ModelRunner(
-            self.model, self.kv_cache, page_size=config.page_size, max_model_len=self.max_model_len,
+            self.model, cache_spec, page_size=config.page_size, max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             token_buckets=config.token_buckets, page_buckets=config.page_buckets, mesh=self.mesh,
             decode_steps=config.decode_steps or (1 if jax.default_backend() == "cpu" else 8),
         )
-        del self.kv_cache  # the runner owns (and donates) the only reference
         self.warmup_seconds = self.runner.warmup(progress=progress)
+        # The runner owns (and donates) the only reference.
+        self.runner.kv_cache = allocate_kv_cache(served, config.dp * num_pages, config.page_size, self.dtype,
+                                                 sharding=cache_sharding)
         check_scratch_fits(self.memory_stats(), self.runner.warmup_report["scratch_bytes"], config.memory_utilization)
         self._requests: dict[str, _Request] = {}
         self._inflight = None  # _dispatch's (plans, runner.Call, ahead_ok): the call queued, not yet recorded

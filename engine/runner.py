@@ -118,7 +118,9 @@ class ModelRunner:
                  max_num_batched_tokens: int, token_buckets=None, page_buckets=None, mesh: Mesh | None = None,
                  decode_steps: int = 1):
         """`mesh` (default: one device) holds the params and the cache; each of its data shards runs
-        one StepPlan a step, with up to `max_num_seqs` sequences and `max_num_batched_tokens` tokens."""
+        one StepPlan a step, with up to `max_num_seqs` sequences and `max_num_batched_tokens` tokens.
+        `kv_cache` may be its shape (jax.ShapeDtypeStruct leaves with their shardings) for `warmup`;
+        the real one must be in `self.kv_cache` before the first step."""
         self.mesh = mesh or make_mesh(1, 1)
         self.dp = self.mesh.shape[DATA]
         model.mesh = self.mesh  # attention runs per shard
