@@ -230,6 +230,7 @@ class Run:
     requests: dict[str, RequestTiming]
     steps: list[tuple[float, float, int]]  # (start, end, output tokens that step produced)
     num_preemptions: int
+    peak_running: int  # the most sequences the scheduler ran at once
 
     @property
     def elapsed(self) -> float:
@@ -253,11 +254,12 @@ def drive(engine, prompts: list[list[int]], params) -> Run:
         timings[rid] = RequestTiming(added=time.perf_counter())
         engine.add_request(rid, p, params)
     unfinished = set(timings)
-    steps = []
+    steps, peak = [], 0
     while unfinished:
         t0 = time.perf_counter()
         outputs = engine.step()
         t1 = time.perf_counter()
+        peak = max(peak, engine.scheduler.num_running)
         produced = 0
         for out in outputs:
             t = timings.get(out.request_id)
@@ -273,7 +275,8 @@ def drive(engine, prompts: list[list[int]], params) -> Run:
                 t.finish = t1
                 unfinished.discard(out.request_id)
         steps.append((t0, t1, produced))
-    return Run(start, time.perf_counter(), timings, steps, engine.scheduler.num_preemptions_total - preempted_before)
+    return Run(start, time.perf_counter(), timings, steps, engine.scheduler.num_preemptions_total - preempted_before,
+               peak)
 
 
 def median(values) -> float | None:

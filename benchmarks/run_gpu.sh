@@ -14,7 +14,7 @@
 #   serve      pagedjax serve (1B shape) under benchmarks/serve.py: 200 prompts x 1024 in x 128 out,
 #              all at once, at most 32 in flight (needs the .whl wheels: starlette, uvicorn)
 #   profile8b  benchmarks/profile_step.py on the 8B engine: GPU time per kernel kind of a batch-1 and a
-#              batch-224 decode step, a step where a prompt joins 223 decodes, and the TTFT step
+#              batch-250 decode step, a step where a prompt joins 249 decodes, and the TTFT step
 #              (PROFILE_ARGS replaces its workload flags), with a timeline of the TTFT and decode traces
 #   attention  benchmarks/attention.py
 #   matmul     benchmarks/matmul.py: the fused projection kernel checked and timed against XLA's ops on the
@@ -48,16 +48,18 @@
 #                              compute-bound already (8B: 1024 rows, ~14 TFLOP). 8B offline, one call
 #                              (results/offline-budget_h100): 1024 -> 7,970, 2048 -> 7,922, 512 -> 7,931
 #                              output tok/s: more steps carry decode rows at the matmul rate
-#   --max-num-seqs 256 (1B) / 224 (8B)
-#                              vLLM's default concurrency is 256; 8B's K/V (128 KiB a token) for 224
-#                              sequences of 2048 tokens is 56 GiB, what 0.95 of the pool holds beside
+#   --max-num-seqs 256 (1B) / 250 (8B)
+#                              vLLM's default concurrency is 256; 8B's K/V (128 KiB a token) for 250
+#                              sequences of 2048 tokens is 62.5 GiB, what 0.972 of the pool holds beside
 #                              the 15 GiB of weights, so the offline run never preempts (256 would:
-#                              results/offline-concurrency_h100)
-#   --memory-utilization 0.95 (8B) / 0.9 (1B)
-#                              of jax's pool, XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 of the GPU (as
-#                              `pagedjax` sets it); the rest is the steps' scratch, which the engine
-#                              checks at start-up (warmup_report.scratch_bytes)
-#   --token-buckets 4,16,64,224,512,1024 (8B) / 16,64,256,1024,1280,1536,2048 (1B)
+#                              results/offline-concurrency_h100); 1000 requests at 250 run in four full
+#                              waves where 224 leaves a fifth of 104 (results/schedule_8b_offline.json)
+#   --memory-utilization 0.972 (8B) / 0.9 (1B)
+#                              of jax's pool, XLA_PYTHON_CLIENT_MEM_FRACTION=0.975 of the GPU (`pagedjax`
+#                              sets 0.95); the rest is the steps' scratch, which the engine checks at
+#                              start-up (warmup_report.scratch_bytes); the steps are compiled before the
+#                              cache is allocated, so XLA's autotuner has the whole pool
+#   --token-buckets 4,16,64,250,512,1024 (8B) / 16,64,256,1024,1280,1536,2048 (1B)
 #                              batch-1 decode (8B: one row padded to 4 tokens decodes 3% faster than
 #                              padded to 16, results/token-buckets_h100), small batches, a full decode batch, (8B) a full batch
 #                              beside a short chunk, one 1024-token prompt (TTFT) or a full step;
@@ -68,7 +70,7 @@
 set -u
 
 export PYTHONUNBUFFERED=1
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.975}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then  # packages the GPU machine lacks (starlette, uvicorn, gguf)
   S=$(mktemp -d); python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$S" .whl/*.whl && export PYTHONPATH="$S:$PWD" || echo "installing .whl/ failed: the serve stage will fail"
@@ -93,8 +95,8 @@ echo "benchmark run: stages ${stages[*]}; ${device:-no nvidia-smi}; $($py --vers
 roofline="$work/results/roofline.json"
 common=(--page-size 16 --max-model-len 2048)
 m8=llama-3.1-8b m1=llama-3.2-1b vocab=128256
-engine8b=(--model $m8 "${common[@]}" --memory-utilization 0.95 --max-num-seqs 224
-          --max-num-batched-tokens 1024 --token-buckets 4,16,64,224,512,1024)
+engine8b=(--model $m8 "${common[@]}" --memory-utilization 0.972 --max-num-seqs 250
+          --max-num-batched-tokens 1024 --token-buckets 4,16,64,250,512,1024)
 engine1b=(--model $m1 "${common[@]}" --memory-utilization 0.9 --max-num-seqs 256
           --max-num-batched-tokens 2048 --token-buckets 16,64,256,1024,1280,1536,2048)
 workloads=(--case 1x128x256 --ttft-input-len 1024 --repeats 3 --ttft-repeats 10
@@ -103,7 +105,7 @@ budget8b=${BUDGET_8B:-75} budget1b=${BUDGET_1B:-60}  # seconds the offline run m
 peer8b=(--batch1 128x128 --ttft-input-len 1024 --cb 32x1024x128 --repeats 2)
 peer1b=(--batch1 128x128 --ttft-input-len 1024 --cb 64x1024x128 --repeats 2)
 served=(--num-prompts 200 --input-len 1024 --output-len 128 --max-concurrency 32)
-read -ra profiled <<< "${PROFILE_ARGS:---batch 1 --batch 224 --mixed 223 --context 1024 --prefill 1024}"
+read -ra profiled <<< "${PROFILE_ARGS:---batch 1 --batch 250 --mixed 249 --context 1024 --prefill 1024}"
 if [ "${BENCH_SMOKE:-0}" = 1 ]; then  # every stage at toy sizes on the "tiny" preset: checks this script on a CPU
   small=(--model tiny --max-model-len 256 --max-num-batched-tokens 64 --token-buckets 16,64 --page-buckets 16)
   m8=tiny m1=tiny vocab=49152

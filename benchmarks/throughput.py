@@ -45,7 +45,9 @@ ESTIMATE_MARGIN = 1.15  # the run's estimate is scaled by this before it is comp
 
 
 def concurrency(engine, input_len: int, output_len: int) -> int:
-    """Requests that run at once: the sequence limit, or fewer if their pages do not all fit (per data shard)."""
+    """Requests sure to run at once: the sequence limit, or fewer if their full lengths' pages do not all fit
+    (per data shard). The probe's estimate; the run reports the most it ran (`peak_running`, which may be
+    more: a request takes its pages as it grows), and the floor takes that."""
     pages_each = -(-(input_len + output_len) // engine.config.page_size)
     per_shard = min(engine.config.max_num_seqs, engine.allocator.num_usable_pages // pages_each)
     return max(1, per_shard * engine.config.dp)
@@ -183,6 +185,7 @@ def measure_throughput(engine, num_prompts: int, input_len: int, output_len: int
         "num_steps": len(run.steps),
         "mean_step_ms": float(np.mean(step_s)) * 1e3,
         "num_preemptions": run.num_preemptions,
+        "peak_running": run.peak_running,
         "step_kinds": summarize_step_kinds(kinds),
     }
 
@@ -278,7 +281,7 @@ def run_throughput(engine, args, ceilings: dict, log=print) -> tuple[dict, dict]
                     "output_len": args.output_len, "budget_s": budget, "probe": p}, {"ceilings": ceilings}
     m = measure_throughput(engine, n, args.input_len, args.output_len, args.data_seed)
     m.update(requested_num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
-             concurrency=concurrency(engine, args.input_len, args.output_len), budget_s=budget,
+             concurrency=m["peak_running"], budget_s=budget,
              estimate_s=estimate_seconds(n, args.input_len, args.output_len, p) if p else None, probe=p)
     floor = roofline.offline_floor(cfg, itemsize, n, args.input_len, args.output_len, m["concurrency"], ceilings)
     log(f"throughput {n}x{args.input_len}x{args.output_len}: {m['output_tokens_per_second']:.0f} output tok/s, "

@@ -168,9 +168,9 @@ def test_throughput_cli_fits_the_budget(tmp_path, ceilings_file):
     assert (m["num_requests"], m["total_input_tokens"], m["total_output_tokens"]) == (12, 240, 72)
     assert m["tokens_per_second"] == pytest.approx(312 / m["elapsed_time"])
     assert m["output_tokens_per_second"] == pytest.approx(72 / m["elapsed_time"])
-    assert m["requested_num_prompts"] == 12 and m["concurrency"] == 8
+    assert m["requested_num_prompts"] == 12 and m["concurrency"] == m["peak_running"] == 8
     assert m["probe"]["concurrency"] == 8 and m["probe"]["rows"] >= 1 and m["estimate_s"] > 0
-    assert r["roofline"]["offline"]["output_tok_s"] > 0
+    assert r["roofline"]["offline"]["output_tok_s"] > 0 and r["roofline"]["offline"]["concurrency"] == 8
     assert r["workload"] == "12 prompts x 20 in x 6 out, offline"
     kinds = m["step_kinds"]  # every engine step is counted once; on the CPU none is fused
     assert sum(k["count"] for k in kinds.values()) == m["num_steps"]
@@ -322,7 +322,7 @@ def test_step_kinds_count_fused_calls_and_the_pipeline():
                                     token_buckets=(16, 64), page_buckets=(8,), decode_steps=4), progress=False)
     m = throughput.measure_throughput(engine, num_prompts=4, input_len=20, output_len=30)
     kinds = m["step_kinds"]
-    assert sum(k["count"] for k in kinds.values()) == m["num_steps"]
+    assert sum(k["count"] for k in kinds.values()) == m["num_steps"] and m["peak_running"] == 4
     # 80 prompt tokens in steps of 64 and 16 (three sequences decode in the second), then fused
     # calls of 4 decode steps; every call but the first is queued while the one before is in flight.
     assert kinds["single_with_prompt_tokens"]["count"] == 2 and kinds["single_decode_only"]["count"] == 0
