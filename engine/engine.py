@@ -108,8 +108,8 @@ class LLMEngine:
         # The steps compile against the cache's shape before it is allocated: XLA's autotuner borrows
         # device memory while it compiles (a split-K trial of the 8B logits product asked for 1018 MiB
         # on an H100), which a pool already given to the cache cannot lend, and start-up failed.
-        cache_spec = jax.ShapeDtypeStruct(shape, self.dtype, sharding=cache_sharding)
-        cache_spec = [(cache_spec, cache_spec) for _ in range(served.num_layers)]
+        pages_spec = jax.ShapeDtypeStruct(shape, self.dtype, sharding=cache_sharding)
+        cache_spec = [(pages_spec, pages_spec) for _ in range(served.num_layers)]  # (K, V) a layer
         eos = set(mc.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.eos_token_ids = frozenset(eos)
         self.scheduler = DataParallelScheduler(
