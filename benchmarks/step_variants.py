@@ -31,9 +31,6 @@ Variants change one thing against `base` (the code as it is):
 - `cublas`, `tritononly`, `cublaslt`, `warpspec`, `exhaustive`: XLA options of the compile (cuBLAS
   for every GEMM, Triton for every GEMM, cuBLASLt instead of cuBLAS, Triton warp specialization,
   the exhaustive Triton tiling search);
-- `qkvparts0`, `qkvparts2`, `qkvparts4`, `qkvparts8`: the q/k/v product of a step of at most 16
-  tokens as that many partial sums, added by the RoPE + KV-write kernel (`models.attention.qkv_parts`;
-  0: the product as one, XLA's split-K sum included);
 - `heroless`, `tritonmof`, `fusionautotune`: XLA's experimental fusion options that could take
   elementwise neighbours (the residual add, the norm) into the GEMMs' Triton fusions: Triton fusions
   without a hero in priority fusion, Triton multi-output fusions, the fusion autotuner.
@@ -63,7 +60,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from benchmarks.common import environment, write_json
-from models import ModelConfig, attention, random_model
+from models import ModelConfig, random_model
 from models.attention import AttentionMetadata
 from models.kernels import pallas_gpu, reference
 from models.kv_cache import allocate_kv_cache
@@ -128,7 +125,6 @@ VARIANTS = {
     **{f"kv{n}": {"decode": {"block_kv": n}} for n in (16, 32, 128)},
     **{f"osplit{n}": {"split": {"o": n}} for n in (2, 4)},
     **{f"dsplit{n}": {"split": {"down": n}} for n in (2, 4)},
-    **{f"qkvparts{n}": {"qkv_parts": n} for n in (0, 2, 4, 8)},
     "warps2": {"decode": {"num_warps": 2}},
     "warps8": {"decode": {"num_warps": 8}},
     "stages2": {"decode": {"num_stages": 2}},
@@ -262,7 +258,7 @@ def main() -> None:
                 res[key]["kernels_us_per_step"] = res_kernels
             print(name, key, res[key], flush=True)
 
-    default_decode, default_parts = pallas_gpu.DECODE, attention.QKV_PARTS
+    default_decode = pallas_gpu.DECODE
     for i, name in enumerate(names):
         jax.clear_caches()
         variant = combined(name)
@@ -271,7 +267,6 @@ def main() -> None:
             matmul = functools.partial(split_k, **variant["split"], inner=matmul)
         reference.fused_matmul = matmul  # what models.projection calls
         pallas_gpu.DECODE = dataclasses.replace(default_decode, **variant.get("decode", {}))
-        attention.QKV_PARTS = variant.get("qkv_parts", default_parts)
         res = {}
         try:
             run(variant, res)
@@ -279,7 +274,7 @@ def main() -> None:
             res["error"] = repr(e)[:500]
             print(name, "failed:", res["error"], flush=True)
             cache = zeroed_cache()
-        reference.fused_matmul, pallas_gpu.DECODE, attention.QKV_PARTS = FUSED_MATMUL, default_decode, default_parts
+        reference.fused_matmul, pallas_gpu.DECODE = FUSED_MATMUL, default_decode
         result["variants"][name if name not in result["variants"] else f"{name} ({i + 1})"] = res  # a rerun keeps both
         write_json(out_path, result)
 

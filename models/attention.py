@@ -27,11 +27,6 @@ from models.kernels import pallas_gpu, pallas_write, reference
 
 KVPages = Float[Array, "KV N S D"]
 
-# Steps of at most QKV_PARTS_MAX_TOKENS tokens on the "pallas" backend hand `rope_and_write` the
-# q/k/v product as QKV_PARTS partial sums (see `qkv_parts`); 0 turns this off.
-QKV_PARTS = 2
-QKV_PARTS_MAX_TOKENS = 16
-
 
 @struct.dataclass
 class AttentionMetadata:
@@ -49,40 +44,26 @@ class AttentionMetadata:
     query_start_loc: Int[Array, " B1"]  # B + 1 offsets: tokens of row b are [qsl[b], qsl[b+1])
 
 
-def qkv_parts(backend: str, tokens: int) -> int:
-    """How many float32 partial sums of the q/k/v product `rope_and_write` takes for a step of
-    `tokens` tokens; 0: the product itself.
-
-    NOTE: a product of a few rows reads its weight with too few programs to fill the GPU, so
-    XLA splits its contraction and sums the parts in a launch of its own (1.6 us a layer at
-    batch 1 on an H100). Written as a product over QKV_PARTS slices of the contraction, its
-    parts go to the Pallas RoPE + KV-write kernel, which adds them as it loads them.
-    """
-    return QKV_PARTS if backend == "pallas" and tokens <= QKV_PARTS_MAX_TOKENS else 0
-
-
 def rope_and_write(
-    qkv: Float[Array, "*P T K G2 D"],
+    qkv: Float[Array, "T K G2 D"],
     k_pages: KVPages,
     v_pages: KVPages,
     meta: AttentionMetadata,
     rope: tuple[Float[Array, "T D2"], Float[Array, "T D2"]],
     *,
     backend: str = "reference",
-    dtype=None,
 ) -> tuple[Float[Array, "T H D"], KVPages, KVPages]:
     """RoPE on q and k of the fused projection, and k/v written to their slots (in place when donated).
 
-    qkv holds, per KV head, its G query heads, then its K and its V head (G2 = G + 2), or P
-    float32 partial sums of them (`qkv_parts`); `rope` is the step's (cos, sin) of every token's
-    angles (`rope_tables`). Returns q (T, K * G, D) in `dtype` (qkv's by default) and the
-    updated pages.
+    qkv holds, per KV head, its G query heads, then its K and its V head (G2 = G + 2); `rope`
+    is the step's (cos, sin) of every token's angles (`rope_tables`). Returns q (T, K * G, D)
+    and the updated pages.
     """
     args = (qkv, k_pages, v_pages, meta.slot_mapping, *rope)
     if backend == "reference":
-        return reference.rope_and_write(*args, dtype=dtype)
+        return reference.rope_and_write(*args)
     if backend == "pallas":
-        return pallas_write.rope_and_write(*args, dtype=dtype)
+        return pallas_write.rope_and_write(*args)
     raise ValueError(f"unknown attention backend {backend!r}; known: 'reference', 'pallas' (GPU)")
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from models.attention import AttentionMetadata, KVPages, qkv_parts
+from models.attention import AttentionMetadata, KVPages
 from models.kernels.reference import rms_norm
 from models.projection import project
 from models.sharded_attention import write_and_attend
@@ -97,9 +97,8 @@ class Attention(nnx.Module):
     ) -> tuple[Float[Array, "T E"], KVPages, KVPages]:
         """x + o(attention(qkv(norm(x)))), and the pages with this step's K/V written; `backend`
         picks the attention op, `matmul` the projections'."""
-        parts = qkv_parts(backend, x.shape[0])
-        qkv = _project(x, self.qkv, self.qkv_bias, matmul, mesh, norm, parts=parts)  # ([P,] T, K, G + 2, D)
+        qkv = _project(x, self.qkv, self.qkv_bias, matmul, mesh, norm)  # (T, K, G + 2, D)
         out, k_pages, v_pages = write_and_attend(  # (T, H, D)
-            qkv, k_pages, v_pages, meta, rope, scale=self.scale, backend=backend, mesh=mesh, dtype=x.dtype
+            qkv, k_pages, v_pages, meta, rope, scale=self.scale, backend=backend, mesh=mesh
         )
         return _project(out, self.o, self.o_bias, matmul, mesh, residual=x), k_pages, v_pages

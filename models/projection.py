@@ -12,9 +12,6 @@ the residual add. The op is chosen by `backend`:
   on its own rows and its own slice of the weight; when that slice is a slice of the
   contraction (o over heads, down over the FFN), the partial products are summed
   across the model axis before the bias and residual are added.
-
-With `parts`, the product is left as float32 partial sums over slices of its
-contraction for the op that takes it to add (XLA's product on either backend).
 """
 
 import math
@@ -59,19 +56,15 @@ def project(
     swiglu: bool = False,
     bias: jax.Array | None = None,
     residual: jax.Array | None = None,
-    parts: int = 0,
     interpret: bool = False,
 ) -> jax.Array:
     """residual + (prologue(x) @ w + bias) over the step's T tokens (see `reference.fused_matmul`).
 
     x is (T, *in), or (T, 2, *in) with `swiglu`; w is (*in, *out) with logical axes `w_axes`;
     the result is (T, *out). `norm_weight` (RMSNorm first) needs a single, unsplit `in` axis.
-    `parts` > 0: (parts, T, *out) float32 partial sums, not added (`reference.fused_matmul`).
     `interpret` runs the Pallas kernel in interpret mode (on the CPU, for tests).
     """
     kw = dict(norm_weight=norm_weight, eps=eps, swiglu=swiglu, bias=bias, residual=residual)
-    if parts:
-        return reference.fused_matmul(x, w, **kw, parts=parts)
     if backend == "xla":
         return reference.fused_matmul(x, w, **kw)
     if backend != "pallas":

@@ -25,7 +25,7 @@ from sharding.rules import logical_to_spec
 
 
 def write_and_attend(
-    qkv,  # (T, K, G + 2, D): per KV head, its query heads, its K and its V; or P partial sums (P, T, ...)
+    qkv,  # (T, K, G + 2, D): per KV head, its query heads, its K and its V
     k_pages: KVPages,
     v_pages: KVPages,
     meta: AttentionMetadata,
@@ -34,21 +34,20 @@ def write_and_attend(
     scale: float,
     backend: str,
     mesh: Mesh | None = None,
-    dtype=None,
 ):
     """Rotate q and k, write this step's K/V into the cache, then attend; per shard when `mesh` is given.
 
-    Returns the attention output (T, H, D), in `dtype` (qkv's by default), and the updated K and V pages.
+    Returns the attention output (T, H, D) and the updated K and V pages.
     """
 
     def local(qkv, k_pages, v_pages, meta, rope):
-        q, k_pages, v_pages = rope_and_write(qkv, k_pages, v_pages, meta, rope, backend=backend, dtype=dtype)
+        q, k_pages, v_pages = rope_and_write(qkv, k_pages, v_pages, meta, rope, backend=backend)
         return paged_attention(q, k_pages, v_pages, meta, scale=scale, backend=backend), k_pages, v_pages
 
     if mesh is None:
         return local(qkv, k_pages, v_pages, meta, rope)
     q_spec = logical_to_spec(("batch", "heads", None))
-    qkv_spec = logical_to_spec((None,) * (qkv.ndim - 4) + ("batch", "kv_heads", None, None))
+    qkv_spec = logical_to_spec(("batch", "kv_heads", None, None))
     cache_spec = logical_to_spec(CACHE_AXES)
     meta_spec = logical_to_spec(("batch",))  # a prefix: every field is split along its first axis
     return jax.shard_map(

@@ -8,8 +8,6 @@ Tokens are processed in blocks so the gathered context of a block, not of the
 whole step, is what lives in memory at once.
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 from einops import rearrange
@@ -34,31 +32,18 @@ def fused_matmul(
     swiglu: bool = False,
     bias: Float[Array, "..."] | None = None,
     residual: Float[Array, "T ..."] | None = None,
-    parts: int = 0,
-) -> Float[Array, "..."]:  # (T, *out), or (parts, T, *out)
+) -> Float[Array, "T ..."]:
     """residual + (prologue(x) @ w + bias), contracting x's trailing axes (after T, and after the
     halves' axis with `swiglu`) with w's leading ones: x (T, *in) @ w (*in, *out) -> (T, *out).
 
     The prologue is RMSNorm with `norm_weight` (x then has one trailing axis), SwiGLU of
     x's two halves with `swiglu` (silu(x[:, 0]) * x[:, 1]), or none. Each step rounds to
     x's dtype, as a model written op by op does.
-
-    `parts` > 0 (no residual): the product comes as that many float32 partial sums over equal
-    slices of the contraction, (parts, T, *out), the bias shared among them; whoever takes them
-    adds them (for a small step, one product with `parts` times the programs and no launch of
-    its own for the sum).
     """
     if swiglu:
         x = jax.nn.silu(x[:, 0]) * x[:, 1]
     elif norm_weight is not None:
         x = rms_norm(x, norm_weight, eps)
-    if parts:
-        assert residual is None, "partial sums take no residual"
-        t, c = x.shape[0], x.ndim - 1
-        k = math.prod(x.shape[1:])
-        out = jax.lax.dot_general(x.reshape(t, parts, k // parts), w.reshape(parts, k // parts, *w.shape[c:]),
-                                  (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.float32)
-        return out if bias is None else out + bias.astype(jnp.float32) / parts
     out = jnp.tensordot(x, w, axes=x.ndim - 1)
     if bias is not None:
         out = out + bias
@@ -86,31 +71,24 @@ def apply_rope(x: Float[Array, "T N D"], cos: Float[Array, "T D2"], sin: Float[A
 
 
 def rope_and_write(
-    qkv: Float[Array, "*P T K G2 D"],
+    qkv: Float[Array, "T K G2 D"],
     k_pages: Float[Array, "KV N S D"],
     v_pages: Float[Array, "KV N S D"],
     slot_mapping: Int[Array, " T"],
     cos: Float[Array, "T D2"],
     sin: Float[Array, "T D2"],
-    *,
-    dtype=None,
 ) -> tuple[Float[Array, "T H D"], Float[Array, "KV N S D"], Float[Array, "KV N S D"]]:
-    """q rotated, as (T, K * G, D) in `dtype` (qkv's by default); k rotated and v written at their
-    slots (in place when donated).
+    """q rotated, as (T, K * G, D); k rotated and v written at their slots (in place when donated).
 
-    qkv holds, per KV head, its G query heads, then its K and its V head (G2 = G + 2); or it comes
-    as P partial sums of a split contraction (P, T, K, G2, D), added here in float32.
+    qkv holds, per KV head, its G query heads, then its K and its V head (G2 = G + 2).
     """
-    if qkv.ndim == 5:
-        dtype = dtype or qkv.dtype
-        qkv = qkv.astype(jnp.float32).sum(axis=0)
     t, kv, g2, d = qkv.shape
     qk = apply_rope(qkv[:, :, : g2 - 1].reshape(t, -1, d), cos, sin).reshape(t, kv, g2 - 1, d)
     q, k, v = qk[:, :, :-1].reshape(t, -1, d), qk[:, :, -1], qkv[:, :, -1]
     _, n, s, _ = k_pages.shape
     flat_k = k_pages.reshape(kv, n * s, d).at[:, slot_mapping].set(k.swapaxes(0, 1).astype(k_pages.dtype))
     flat_v = v_pages.reshape(kv, n * s, d).at[:, slot_mapping].set(v.swapaxes(0, 1).astype(v_pages.dtype))
-    return q.astype(dtype or q.dtype), flat_k.reshape(kv, n, s, d), flat_v.reshape(kv, n, s, d)
+    return q, flat_k.reshape(kv, n, s, d), flat_v.reshape(kv, n, s, d)
 
 
 def paged_attention(

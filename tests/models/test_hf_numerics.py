@@ -14,7 +14,6 @@ Observed errors are attached to each test with `record_property` and printed (`-
 
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
@@ -119,17 +118,3 @@ def test_smollm2_float32_matches_hf(smollm2, record_property):
         clear = golden[f"top2_margin_{i}"] > 2 * SMOLLM2_TOL * scale
         assert clear.all(), "the golden prompts were chosen so that no position is a near tie"
         np.testing.assert_array_equal(ours.argmax(-1), hf_argmax, err_msg=prompt)
-
-
-@pytest.mark.parametrize("name", ["qwen2", "odd_gqa"])
-@pytest.mark.parametrize("dtype, tol, rms_tol", [("float32", F32_TOL, F32_TOL), ("bfloat16", BF16_TOL, BF16_RMS_TOL)])
-def test_qkv_as_partial_sums_matches_hf(name, dtype, tol, rms_tol, monkeypatch, record_property):
-    """The q/k/v product as 2 float32 partial sums over halves of the contraction (the form small
-    steps take on the GPU, `models.attention.qkv_parts`), added by the reference RoPE + KV write:
-    with biases (Qwen2, shared among the parts) and a group of 3."""
-    monkeypatch.setattr("models.layers.qkv_parts", lambda backend, tokens: 2)
-    jax.clear_caches()  # the layers trace again, with the patch (and after, without it)
-    try:
-        check_against_hf(name, dtype, tol, rms_tol, record_property)
-    finally:
-        jax.clear_caches()

@@ -16,7 +16,6 @@ import pytest
 from flax import nnx
 
 from models import ModelConfig, random_model
-from models.attention import QKV_PARTS, QKV_PARTS_MAX_TOKENS
 from models.kernels import pallas_gpu, pallas_matmul, pallas_write, reference
 from models.kv_cache import allocate_kv_cache
 from tests.models.kernels.test_pallas import random_step
@@ -56,13 +55,10 @@ def test_paged_attention_lowers(tokens_per_row, kernel):
     assert re.search(kernel, text), set(re.findall(r"paged_attention_\w+", text))
 
 
-@pytest.mark.parametrize("parts", [0, 2])
-def test_rope_and_write_lowers(parts):
-    """The product as it is, or as float32 partial sums that the kernel adds."""
+def test_rope_and_write_lowers():
     meta, pages, rope, t = attention_inputs([1, 5])
-    qkv = jnp.zeros((parts, t, KV, G + 2, D) if parts else (t, KV, G + 2, D), jnp.float32 if parts else jnp.bfloat16)
-    fn = functools.partial(pallas_write.rope_and_write, dtype=jnp.bfloat16)
-    assert "triton" in lower_for_h100(fn, qkv, pages, pages, meta.slot_mapping, *rope)
+    qkv = jnp.zeros((t, KV, G + 2, D), jnp.bfloat16)
+    assert "triton" in lower_for_h100(pallas_write.rope_and_write, qkv, pages, pages, meta.slot_mapping, *rope)
 
 
 @pytest.mark.parametrize("prologue", ["norm", "swiglu", "residual"])
@@ -78,8 +74,7 @@ def test_fused_matmul_lowers(prologue):
 
 def test_model_step_lowers_with_the_gpu_kernels():
     """A whole decode step of a tiny model on the "pallas" backend: the RoPE/write and the attention
-    kernels both reach the lowered step (head_dim 32: the write kernel's smallest), the first taking
-    the q/k/v product as partial sums (a step of a few tokens)."""
+    kernels both reach the lowered step (head_dim 32: the write kernel's smallest)."""
     cfg = ModelConfig.tiny(head_dim=32)
     model = random_model(cfg, jnp.bfloat16)
     model.attention_backend = "pallas"
@@ -91,6 +86,5 @@ def test_model_step_lowers_with_the_gpu_kernels():
         return nnx.merge(graphdef, state)(tokens, cache, meta)
 
     text = lower_for_h100(step, state, jnp.zeros(t, jnp.int32), cache, meta)
-    assert t <= QKV_PARTS_MAX_TOKENS
-    for kernel in (f"rope_and_write_g{cfg.num_heads // cfg.num_kv_heads}_p{QKV_PARTS}", "paged_attention_r16"):
+    for kernel in ("rope_and_write", "paged_attention_r16"):
         assert kernel in text, kernel
