@@ -31,12 +31,13 @@ Variants change one thing against `base` (the code as it is):
 - `cublas`, `tritononly`, `cublaslt`, `warpspec`, `exhaustive`: XLA options of the compile (cuBLAS
   for every GEMM, Triton for every GEMM, cuBLASLt instead of cuBLAS, Triton warp specialization,
   the exhaustive Triton tiling search);
+- `cudnn1`, `cudnn2`, `cudnn3`: cuDNN GEMM fusions autotuned beside Triton's, at that level;
 - `heroless`, `tritonmof`, `fusionautotune`: XLA's experimental fusion options that could take
   elementwise neighbours (the residual add, the norm) into the GEMMs' Triton fusions: Triton fusions
   without a hero in priority fusion, Triton multi-output fusions, the fusion autotuner.
 
 XLA keeps its autotuning results for the life of the process, so a variant that only changes
-autotuning (`exhaustive`, `tritononly`, `cublaslt`) must run in a process of its own to mean
+autotuning (`exhaustive`, `tritononly`, `cublaslt`, `cudnn*`) must run in a process of its own to mean
 anything; the order of variants in one process also shows as drift of about 1%: run `base`
 again at the end. Variants combine with `+` (`swiglu_exp+split8`): their changes merged, later
 ones winning.
@@ -134,6 +135,7 @@ VARIANTS = {
     "cublaslt": {"options": {"xla_gpu_enable_cublaslt": True}},
     "warpspec": {"options": {"xla_gpu_experimental_enable_triton_warp_specialization": True}},
     "exhaustive": {"options": {"xla_gpu_exhaustive_tiling_search": True}},
+    **{f"cudnn{n}": {"options": {"xla_gpu_cudnn_gemm_fusion_level": n}} for n in (1, 2, 3)},
     "heroless": {"options": {"xla_gpu_experimental_enable_triton_heroless_priority_fusion": True}},
     "tritonmof": {"options": {"xla_gpu_unsupported_enable_triton_multi_output_fusion": True}},
     "fusionautotune": {"options": {"xla_gpu_experimental_enable_fusion_autotuner": True}},
