@@ -337,15 +337,13 @@ def test_offline_floor_takes_the_concurrency_the_engine_reached():
     """Requests take pages as they grow, so more run at once than the pages of their full lengths
     allow: 4 requests of 8 + 24 tokens (2 pages each at the end) all start in 6 usable pages. The
     floor is computed for the 4 that ran, not the 3 the full lengths would fit."""
-    import argparse
-
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(model="tiny", tokenizer=synthetic_tokenizer(PRESETS["tiny"]().vocab_size),
                                     max_model_len=64, num_pages=7, max_num_seqs=4, max_num_batched_tokens=64,
                                     token_buckets=(16, 64), page_buckets=(4,)), progress=False)
-    args = argparse.Namespace(num_prompts=4, input_len=8, output_len=24, max_seconds=None, data_seed=0)
+    args = Namespace(num_prompts=4, input_len=8, output_len=24, max_seconds=None, data_seed=0)
     m, floors = throughput.run_throughput(engine, args, CEILINGS, log=lambda *_: None)
     assert throughput.concurrency(engine, 8, 24) == 3
     assert m["peak_running"] == m["concurrency"] == floors["offline"]["concurrency"] == 4
